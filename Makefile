@@ -1,0 +1,19 @@
+# Two commands do all set-up on a fresh machine: `make sweep` (the main job) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0          # the CPU wheel first: a newer torch pulls GBs of CUDA packages
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+.PHONY: setup sweep test
+setup: $(VENV)/.installed
+
+sweep: $(VENV)/.installed
+	$(VENV)/bin/lora-sweep
+
+test: $(VENV)/.installed
+	$(PY) -m pytest

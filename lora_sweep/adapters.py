@@ -1,0 +1,144 @@
+"""Turning a model into what one method trains: PEFT LoRA on chosen matrices, or every weight (full FT).
+
+Target presets are named per architecture family and resolved to the model's own module names,
+so a preset means the same matrices on BERT, DeBERTa or a Llama-style decoder, and the record
+can say exactly which matrices were adapted.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from lora_sweep.errors import UserError
+from lora_sweep.settings import MethodSettings
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not ours to fix
+
+# Module-name patterns (suffix after a '.', or a regex matched against the whole name) per family.
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "bert": {
+        "qv": ["attention.self.query", "attention.self.value"],
+        "qkvo": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
+        "mlp": ["intermediate.dense", r".*\.layer\.\d+\.output\.dense"],
+    },
+    "deberta": {
+        "qv": ["attention.self.query_proj", "attention.self.value_proj"],
+        "qkvo": ["attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj", "attention.output.dense"],
+        "mlp": ["intermediate.dense", r".*\.layer\.\d+\.output\.dense"],
+    },
+    "llama": {
+        "qv": ["q_proj", "v_proj"],
+        "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "mlp": ["gate_proj", "up_proj", "down_proj"],
+    },
+}
+FAMILY_OF_MODEL_TYPE = {
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
+    "deberta-v2": "deberta",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
+}
+# Modules trained in both methods as the task head (kept out of the adapter and out of `all_linear`).
+HEADS: dict[str, list[str]] = {"bert": ["pooler", "classifier"], "deberta": ["pooler", "classifier"], "llama": []}
+NEVER_ADAPTED = ("lm_head",)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # parameters of the base model
+    trainable: int
+    adapter: int  # LoRA A/B matrices (and DoRA magnitudes)
+    head: int  # task head parameters that are trained
+
+
+def family_of(model: nn.Module) -> str:
+    model_type = model.config.model_type
+    if model_type not in FAMILY_OF_MODEL_TYPE:
+        raise UserError(f"model type {model_type!r} has no target presets; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}")
+    return FAMILY_OF_MODEL_TYPE[model_type]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
+
+
+def _is_head(name: str, family: str) -> bool:
+    return any(_matches(name, h) or any(part == h for part in name.split(".")) for h in HEADS[family])
+
+
+def linear_modules(model: nn.Module, family: str) -> dict[str, nn.Linear]:
+    """Every adaptable linear layer: outside the task head and never the LM head."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not _is_head(name, family) and not name.endswith(NEVER_ADAPTED)
+    }
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Full names of the modules a preset or explicit list selects; a clear error if it selects none."""
+    family = family_of(model)
+    candidates = linear_modules(model, family)
+    if targets == "all_linear":
+        chosen = list(candidates)
+    else:
+        patterns = PRESETS[family][targets] if isinstance(targets, str) else list(targets)
+        chosen = [name for name in candidates if any(_matches(name, p) for p in patterns)]
+    if not chosen:
+        kinds = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in candidates})
+        raise UserError(f"method.targets={targets!r} matches no linear module of this model; its linear modules are: {', '.join(kinds)}")
+    return chosen
+
+
+def check_lora(model: nn.Module, method: MethodSettings) -> list[str]:
+    """The modules LoRA will adapt, after checking that the targets exist and r fits every one of them.
+
+    Works on a model built on the meta device, so a sweep can check every run before training any."""
+    targets = resolve_targets(model, method.targets)
+    smallest = min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in targets)
+    if method.r > smallest:
+        raise UserError(f"method.r={method.r} is larger than the smallest adapted matrix allows; use r <= {smallest}")
+    return targets
+
+
+def _init_value(init: str) -> bool | str:
+    lowered = str(init).lower()
+    return {"true": True, "false": False}.get(lowered, lowered)
+
+
+def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tuple[nn.Module, list[str]]:
+    """Wrap `model` for the method; returns it and the names of the adapted matrices (empty for full FT)."""
+    if method.name == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model, []
+    family = family_of(model)
+    targets = check_lora(model, method)
+    config = LoraConfig(
+        task_type=task_type,
+        r=method.r,
+        lora_alpha=method.effective_alpha,
+        lora_dropout=method.dropout,
+        target_modules=targets,
+        use_rslora=method.use_rslora,
+        use_dora=method.use_dora,
+        init_lora_weights=_init_value(method.init),
+        modules_to_save=HEADS[family] or None,
+    )
+    return get_peft_model(model, config), targets
+
+
+def count_parameters(model: nn.Module, base_total: int, method: str) -> ParamCounts:
+    """Parameter counts by role. `base_total` is counted before PEFT adds adapters and head copies."""
+    named = list(model.named_parameters())
+    trainable = sum(p.numel() for _, p in named if p.requires_grad)
+    if method == "full":
+        family = family_of(model)
+        head = sum(p.numel() for n, p in named if _is_head(n.rsplit(".", 1)[0], family))
+        return ParamCounts(total=base_total, trainable=trainable, adapter=0, head=head)
+    adapter = sum(p.numel() for n, p in named if p.requires_grad and "lora_" in n)
+    head = sum(p.numel() for n, p in named if p.requires_grad and "modules_to_save" in n)
+    return ParamCounts(total=base_total, trainable=trainable, adapter=adapter, head=head)

@@ -1,0 +1,232 @@
+"""One experiment from validated settings to one record: the path a rank takes from the command line to a plot.
+
+run() ensures the paired full-FT baseline, skips work already done, holds the run's lock, and writes
+exactly one record whatever happens (done, diverged or failed), atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, set_seed
+from transformers.utils import logging as hf_logging
+
+from lora_sweep import adapters, data, glue, records
+from lora_sweep.errors import UserError
+from lora_sweep.hub import resolve_model
+from lora_sweep.settings import Settings
+from lora_sweep.tracking import Tracker
+from lora_sweep.train import fit, make_accelerator
+
+FAMILIES = {"glue": glue}
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()  # one progress bar per run: the training loop's
+datasets.disable_progress_bars()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def resolve_threads(requested: int, parallel_jobs: int = 1) -> int:
+    """Torch threads for this process: as asked, or the cores shared out among parallel jobs."""
+    return requested or max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run is before it runs: its id and the facts its id depends on."""
+
+    settings: Settings
+    family: Any  # the task family's module (lora_sweep.glue, ...)
+    model_path: str
+    device: str
+    source: str
+    identity: dict[str, Any]
+    run_id: str
+
+
+def family_of(settings: Settings):
+    if settings.task.family not in FAMILIES:
+        raise UserError(f"task family {settings.task.family!r} is unknown; use one of {', '.join(FAMILIES)}")
+    return FAMILIES[settings.task.family]
+
+
+def plan(settings: Settings) -> Plan:
+    """Resolve and check everything a run needs before it trains: model, data source, device, targets and rank."""
+    family = family_of(settings)
+    path = resolve_model(settings.model.name_or_path)
+    device = resolve_device(settings.train.device)
+    source = family.resolve_source(settings.task)
+    if settings.method.name == "lora":
+        adapters.check_lora(family.load_model(path, settings, meta=True), settings.method)
+    ident = records.identity(settings, device, source)
+    return Plan(settings, family, path, device, source, ident, records.run_id(ident))
+
+
+def baseline_settings(settings: Settings) -> Settings:
+    """The full-FT run a LoRA run is compared with: same model, task, seed and training budget."""
+    return dataclasses.replace(settings, method=settings.baseline, pair_baseline=False, rerun=False)
+
+
+def run(settings: Settings, parallel_jobs: int = 1) -> dict[str, Any]:
+    """Run one experiment (and first its baseline) unless a `done` record exists; return its record."""
+    p = plan(settings)
+    baseline = None
+    if settings.method.name == "lora" and settings.pair_baseline:
+        baseline = run(baseline_settings(settings), parallel_jobs)
+    with records.run_lock(settings.results_dir, p.run_id):
+        existing = records.read_record(settings.results_dir, p.run_id)
+        if existing and existing["status"] == "done" and not settings.rerun:
+            print(f"[lora-sweep] {p.run_id} ({describe(settings)}) already done: skipped")
+            return existing
+        print(f"[lora-sweep] {p.run_id} ({describe(settings)}) starting")
+        record = execute(p, baseline, resolve_threads(settings.train.threads, parallel_jobs))
+        records.write_record(settings.results_dir, record)
+    return record
+
+
+def describe(settings: Settings) -> str:
+    m = settings.method
+    what = "full FT" if m.name == "full" else f"LoRA r={m.r} {m.scaling_label} targets={m.targets}"
+    return f"{settings.model.name} {settings.task.name} {what} lr={m.lr:g} seed={settings.train.seed}"
+
+
+def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict[str, Any]:
+    s, m = p.settings, p.settings.method
+    lora = m.name == "lora"
+    return {
+        "schema_version": records.SCHEMA_VERSION,
+        "run_id": p.run_id,
+        "status": "running",
+        "error": None,
+        "diverged_at_step": None,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": s.model.name,
+        "model_name_or_path": s.model.name_or_path,
+        "task": s.task.name,
+        "task_family": s.task.family,
+        "data_source": p.source,
+        "method": m.name,
+        "r": m.r if lora else None,
+        "alpha": m.effective_alpha if lora else None,
+        "alpha_policy": ("rslora" if m.use_rslora else m.alpha_policy) if lora else None,
+        "scaling": m.scaling_label if lora else None,
+        "targets": (m.targets if isinstance(m.targets, str) else list(m.targets)) if lora else None,
+        "lr": m.lr,
+        "seed": s.train.seed,
+        "baseline_run_id": baseline["run_id"] if baseline else None,
+        "baseline_status": baseline["status"] if baseline else None,
+        "identity": p.identity,
+        "config": dataclasses.asdict(s),
+        "environment": records.environment(p.device, threads),
+    }
+
+
+def execute(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict[str, Any]:
+    """Train and evaluate; always returns a record. Bad input is recorded as failed, then re-raised."""
+    record = _base_record(p, baseline, threads)
+    tracker = None
+    try:
+        torch.set_num_threads(threads)
+        tracker = Tracker(p.settings, p.run_id, record["config"])
+        record.update(_train_and_measure(p, tracker))
+    except UserError as exc:
+        record.update(status="failed", error=str(exc))
+        records.write_record(p.settings.results_dir, _finished(record))
+        raise
+    except Exception as exc:  # an error in one run is its result; the sweep goes on
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    _finished(record)
+    if tracker:
+        tracker.finish(record)
+    return record
+
+
+def _finished(record: dict[str, Any]) -> dict[str, Any]:
+    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return record
+
+
+def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
+    s = p.settings
+    tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
+    set_seed(s.train.seed)  # before the head and the adapter are initialised: same seed, same run
+    model = p.family.load_model(p.model_path, s)
+    base_total = sum(p_.numel() for p_ in model.parameters())
+    model, adapted = adapters.apply_method(model, s.method, p.family.TASK_TYPE)
+    counts = adapters.count_parameters(model, base_total, s.method.name)
+
+    start = time.perf_counter()
+    tokens, cached = data.prepare(p.family, s, p.source, tokenizer, f"{s.model.name_or_path}@{s.model.revision}")
+    prep_seconds = time.perf_counter() - start
+
+    collator = p.family.collator(tokenizer)
+    generator = torch.Generator().manual_seed(s.train.seed)
+    train_loader = DataLoader(tokens["train"], batch_size=s.train.batch_size, shuffle=True, collate_fn=collator, generator=generator)
+    eval_loader = DataLoader(tokens["dev"], batch_size=s.train.eval_batch_size, collate_fn=collator)
+
+    accelerator = make_accelerator(s.train, p.device)
+    if p.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = fit(accelerator, model, train_loader, s.method, s.train, on_log=tracker.log_loss)
+
+    out: dict[str, Any] = {
+        "adapted_modules": adapted,
+        "params": dataclasses.asdict(counts),
+        "loss_curve": result.loss_curve,
+        "memory": _memory_fields(p.device, result),
+        "train_examples": len(tokens["train"]),
+        "eval_examples": len(tokens["dev"]),
+    }
+    time_fields = {
+        "data_prep_s": prep_seconds,
+        "data_from_cache": cached,
+        "train_s": result.seconds,
+        "steps": result.steps,
+        "samples_per_s": result.samples / result.seconds if result.seconds else None,
+        "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+    }
+    if result.diverged_at is not None:
+        return {**out, "time": time_fields, "status": "diverged", "diverged_at_step": result.diverged_at,
+                "error": f"loss became NaN or infinite at step {result.diverged_at}"}
+
+    start = time.perf_counter()
+    metrics, primary = p.family.evaluate(accelerator, model, eval_loader, s)
+    time_fields["eval_s"] = time.perf_counter() - start
+    out.update(metrics=metrics, primary_metric=primary, primary_value=metrics[primary], time=time_fields)
+    out["artifact"] = _save(accelerator.unwrap_model(model), p) if s.train.save_adapter else None
+    out["status"] = "done"
+    return out
+
+
+def _memory_fields(device: str, result) -> dict[str, Any]:
+    fields: dict[str, Any] = {"device": device, "peak_bytes": None, "split_bytes": None,
+                              "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None}
+    if result.memory is not None:
+        fields.update(peak_bytes=result.memory.peak_bytes, split_bytes=result.memory.split)
+    if device == "cuda":
+        fields.update(cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(), cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
+    return fields
+
+
+def _save(model: torch.nn.Module, p: Plan) -> dict[str, Any]:
+    """Save the adapter (LoRA) or the whole model (full FT) and return where and how many bytes."""
+    folder = Path(p.settings.results_dir).resolve().parent / "artifacts" / p.run_id
+    model.save_pretrained(folder)
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
+    return {"path": str(folder), "bytes": size}

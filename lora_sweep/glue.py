@@ -1,0 +1,212 @@
+"""The GLUE task family: where the data lives, how to read it, the model head, and the official metrics.
+
+experiment.py uses a task family through the module-level names TASK_TYPE, resolve_source,
+load_model, fingerprint, build, collator and evaluate (lora_sweep.instruct has the same).
+
+Local files are read in the original GLUE download layout (`<glue_dir>/<TASK>/{train,dev}.tsv`).
+They are parsed by hand rather than with `datasets`' csv loader because the GLUE files need
+QUOTE_NONE, a BOM-tolerant encoding and a headerless variant, and because a malformed file must
+be reported with its path and line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
+
+from lora_sweep.errors import UserError
+from lora_sweep.hub import require_hub
+from lora_sweep.metrics import glue_metrics
+from lora_sweep.settings import Settings, TaskSettings
+
+TASK_TYPE = "SEQ_CLS"  # PEFT's task type: the classification head is trained beside the adapter
+
+SHARED_GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    folder: str  # folder name in the GLUE download
+    hub_config: str  # config name of `nyu-mll/glue`
+    hub_eval_split: str
+    dev_file: str | None  # None: no fixed local layout (MNLI's dev files vary in width), hub only
+    header: bool
+    columns: int  # tab-separated columns per line of the local files
+    text_a: int  # column indices in the local files
+    text_b: int | None
+    label: int
+    hub_text: tuple[str, ...]  # text columns of the hub dataset
+    labels: tuple[str, ...] | None  # local label strings in hub order; None: integer labels or a float score
+    num_labels: int  # 1 = regression
+    metrics: tuple[str, ...]
+    primary: str
+
+
+TASKS: dict[str, GlueTask] = {
+    "sst2": GlueTask("SST-2", "sst2", "validation", "dev.tsv", True, 2, 0, None, 1, ("sentence",), None, 2, ("accuracy",), "accuracy"),
+    "mrpc": GlueTask("MRPC", "mrpc", "validation", "dev.tsv", True, 5, 3, 4, 0, ("sentence1", "sentence2"), None, 2, ("f1", "accuracy"), "f1"),
+    "cola": GlueTask("CoLA", "cola", "validation", "dev.tsv", False, 4, 3, None, 1, ("sentence",), None, 2, ("matthews",), "matthews"),
+    "rte": GlueTask("RTE", "rte", "validation", "dev.tsv", True, 4, 1, 2, 3, ("sentence1", "sentence2"), ("entailment", "not_entailment"), 2, ("accuracy",), "accuracy"),
+    "stsb": GlueTask("STS-B", "stsb", "validation", "dev.tsv", True, 10, 7, 8, 9, ("sentence1", "sentence2"), None, 1, ("pearson", "spearman"), "pearson"),
+    "qnli": GlueTask("QNLI", "qnli", "validation", "dev.tsv", True, 4, 1, 2, 3, ("question", "sentence"), ("entailment", "not_entailment"), 2, ("accuracy",), "accuracy"),
+    "qqp": GlueTask("QQP", "qqp", "validation", "dev.tsv", True, 6, 3, 4, 5, ("question1", "question2"), None, 2, ("f1", "accuracy"), "f1"),
+    "mnli": GlueTask("MNLI", "mnli", "validation_matched", None, True, 0, 0, 0, 0, ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), 3, ("accuracy",), "accuracy"),
+}
+
+
+def task_spec(name: str) -> GlueTask:
+    if name not in TASKS:
+        raise UserError(f"GLUE task {name!r} is unknown; use one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def glue_dir(task: TaskSettings) -> Path:
+    """The local GLUE folder: task.data_dir, else $GLUE_DIR, else ../shared/data/glue beside the project."""
+    return Path(task.data_dir or os.environ.get("GLUE_DIR") or SHARED_GLUE_DIR).expanduser()
+
+
+def resolve_source(task: TaskSettings) -> str:
+    """'local' or 'hub', deciding `auto` by whether the local train file exists."""
+    spec = task_spec(task.name)
+    if spec.dev_file is None and task.source == "local":
+        raise UserError(f"GLUE task {task.name} is read from the hub only; use task.source=auto or hub")
+    if task.source != "auto":
+        return task.source
+    local = spec.dev_file is not None and (glue_dir(task) / spec.folder / "train.tsv").is_file()
+    return "local" if local else "hub"
+
+
+def _parse_label(spec: GlueTask, raw: str, where: str) -> int | float:
+    try:
+        if spec.num_labels == 1:
+            return float(raw)
+        if spec.labels is not None:
+            return spec.labels.index(raw)
+        value = int(raw)
+        if not 0 <= value < spec.num_labels:
+            raise ValueError
+        return value
+    except ValueError:
+        allowed = "a number" if spec.num_labels == 1 else ", ".join(spec.labels or map(str, range(spec.num_labels)))
+        raise UserError(f"{where}: label {raw!r} cannot be parsed; allowed: {allowed}") from None
+
+
+def read_tsv(spec: GlueTask, path: Path) -> datasets.Dataset:
+    """One local GLUE split as columns text_a, [text_b,] label."""
+    if not path.is_file():
+        raise UserError(f"GLUE file {path} not found; set task.data_dir or GLUE_DIR to a folder holding {spec.folder}/, or use task.source=hub")
+    columns: dict[str, list] = {"text_a": [], "label": []}
+    if spec.text_b is not None:
+        columns["text_b"] = []
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for line_no, row in enumerate(reader, start=1):
+            if spec.header and line_no == 1:
+                continue
+            where = f"{path} line {line_no}"
+            if len(row) != spec.columns:
+                raise UserError(f"{where}: expected {spec.columns} tab-separated columns, found {len(row)}")
+            columns["text_a"].append(row[spec.text_a])
+            if spec.text_b is not None:
+                columns["text_b"].append(row[spec.text_b])
+            columns["label"].append(_parse_label(spec, row[spec.label], where))
+    if not columns["label"]:
+        raise UserError(f"GLUE file {path} has no data rows")
+    label_type = datasets.Value("float32" if spec.num_labels == 1 else "int64")
+    features = datasets.Features({**{k: datasets.Value("string") for k in columns if k != "label"}, "label": label_type})
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def _load_hub(spec: GlueTask) -> datasets.DatasetDict:
+    require_hub(f"GLUE task {spec.hub_config} (nyu-mll/glue)", "a local GLUE folder via task.data_dir or GLUE_DIR (SST-2, MRPC, CoLA, RTE and STS-B are in ../shared/data/glue)")
+    raw = datasets.load_dataset("nyu-mll/glue", spec.hub_config)
+    rename = {spec.hub_text[0]: "text_a", **({spec.hub_text[1]: "text_b"} if len(spec.hub_text) > 1 else {})}
+    keep = [*rename, "label"]
+    splits = {"train": raw["train"], "dev": raw[spec.hub_eval_split]}
+    out = datasets.DatasetDict({k: v.select_columns(keep).rename_columns(rename) for k, v in splits.items()})
+    return out.cast_column("label", datasets.Value("float32")) if spec.num_labels == 1 else out
+
+
+def load_splits(task: TaskSettings, seed: int, source: str) -> datasets.DatasetDict:
+    """Train and dev splits with columns text_a, [text_b,] label, capped as the settings ask."""
+    spec = task_spec(task.name)
+    if source == "local":
+        folder = glue_dir(task) / spec.folder
+        splits = datasets.DatasetDict({"train": read_tsv(spec, folder / "train.tsv"), "dev": read_tsv(spec, folder / spec.dev_file)})
+    else:
+        splits = _load_hub(spec)
+    if task.max_train_examples:
+        train = splits["train"].shuffle(seed=seed)
+        splits["train"] = train.select(range(min(task.max_train_examples, len(train))))
+    if task.max_eval_examples:
+        splits["dev"] = splits["dev"].select(range(min(task.max_eval_examples, len(splits["dev"]))))
+    return splits
+
+
+def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Module:
+    """The model with a fresh head for the task; on the meta device (no weights) to check a run cheaply."""
+    spec = task_spec(settings.task.name)
+    head = {"num_labels": spec.num_labels,
+            "problem_type": "regression" if spec.num_labels == 1 else "single_label_classification"}
+    if meta:
+        config = AutoConfig.from_pretrained(path, revision=settings.model.revision, **head)
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config)
+    return AutoModelForSequenceClassification.from_pretrained(path, revision=settings.model.revision, **head)
+
+
+def fingerprint(settings: Settings, source: str) -> dict:
+    """What the raw data is: local files by size and modification time, hub data by name."""
+    task = settings.task
+    if source == "hub":
+        return {"hub": task.name}
+    spec = task_spec(task.name)
+    folder = glue_dir(task) / spec.folder
+    files = {}
+    for name in ("train.tsv", spec.dev_file):
+        stat = (folder / name).stat() if (folder / name).is_file() else None
+        files[name] = [stat.st_size, stat.st_mtime_ns] if stat else None
+    return {"folder": str(folder.resolve()), "files": files}
+
+
+def build(settings: Settings, source: str, tokenizer) -> datasets.DatasetDict:
+    """Tokenized train/dev splits; padding is left to the collator (dynamic)."""
+    splits = load_splits(settings.task, settings.train.seed, source)
+    two = "text_b" in splits["train"].column_names
+
+    def encode(batch: dict) -> dict:
+        return tokenizer(batch["text_a"], batch["text_b"] if two else None, truncation=True, max_length=settings.train.max_seq_len)
+
+    text_columns = ["text_a", "text_b"] if two else ["text_a"]
+    return splits.map(encode, batched=True, remove_columns=text_columns)
+
+
+def collator(tokenizer) -> DataCollatorWithPadding:
+    return DataCollatorWithPadding(tokenizer)
+
+
+def evaluate(accelerator, model: torch.nn.Module, loader, settings: Settings) -> tuple[dict[str, float], str]:
+    """The task's official metrics on the dev split, and the name of the primary one."""
+    spec = task_spec(settings.task.name)
+    logits, labels = predict(accelerator, model, loader)
+    return glue_metrics(spec.metrics, logits, labels), spec.primary
+
+
+@torch.no_grad()
+def predict(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for a whole eval split."""
+    model.eval()
+    loader = accelerator.prepare(loader)
+    logits, labels = [], []
+    for batch in loader:
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+        logits.append(out.logits.float().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()

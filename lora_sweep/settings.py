@@ -1,0 +1,176 @@
+"""Typed, validated settings for one experiment.
+
+Hydra composes YAML from `conf/`; these dataclasses are its schema (registered in Hydra's
+ConfigStore, so a value of the wrong type such as `method.r=abc` is refused while composing,
+before anything trains) and `validate` checks values against what is allowed (not `__post_init__`:
+OmegaConf builds these dataclasses with missing values while composing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lora_sweep.errors import UserError
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+TARGET_PRESETS = ("qv", "qkvo", "mlp", "all_linear")
+ALPHA_POLICIES = ("fixed", "ratio")
+INIT_CHOICES = ("true", "false", "gaussian", "eva", "olora", "pissa", "orthogonal")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+@dataclass
+class ModelSettings:
+    name: str = MISSING  # short label used in records and plots
+    name_or_path: str = MISSING  # hub id, local folder, or `package:<module>` for a model shipped in a PyPI package
+    revision: str | None = None  # hub revision (branch, tag or commit)
+
+
+@dataclass
+class TaskSettings:
+    family: str = MISSING  # glue | instruct
+    name: str = MISSING  # sst2, mrpc, ... (see lora_sweep.glue.TASKS)
+    source: str = "auto"  # auto (local folder if present, else hub) | local | hub
+    data_dir: str | None = None  # local GLUE folder; else $GLUE_DIR; else ../shared/data/glue
+    max_train_examples: int | None = None  # cap on training examples (first N of a seeded shuffle)
+    max_eval_examples: int | None = None  # cap on dev examples (first N, unshuffled)
+
+    def validate(self) -> None:
+        _check(self.source in ("auto", "local", "hub"), f"task.source={self.source!r} is not allowed; use auto, local or hub")
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"task.{key}={value} must be at least 1 (or null for all)")
+
+
+@dataclass
+class MethodSettings:
+    name: str = MISSING  # lora | full
+    lr: float = MISSING  # peak learning rate of AdamW
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA alpha (alpha_policy=fixed)
+    alpha_policy: str = "fixed"  # fixed: alpha as given; ratio: alpha = alpha_ratio * r
+    alpha_ratio: float = 2.0
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    dropout: float = 0.0
+    targets: Any = "qv"  # a preset (qv, qkvo, mlp, all_linear) or a list of module-name regexes
+    use_dora: bool = False
+    init: str = "true"  # PEFT's init_lora_weights
+
+    def validate(self) -> None:
+        _check(self.name in ("lora", "full"), f"method={self.name!r} is unknown; use lora or full")
+        _check(self.lr > 0, f"method.lr={self.lr} must be > 0")
+        if self.name == "full":
+            return
+        _check(self.r >= 1, f"method.r={self.r} must be >= 1")
+        _check(self.alpha_policy in ALPHA_POLICIES, f"method.alpha_policy={self.alpha_policy!r} is unknown; use one of {', '.join(ALPHA_POLICIES)}")
+        _check(self.effective_alpha > 0, f"method alpha={self.effective_alpha} must be > 0")
+        _check(0 <= self.dropout < 1, f"method.dropout={self.dropout} must be in [0, 1)")
+        _check(str(self.init).lower() in INIT_CHOICES, f"method.init={self.init!r} is unknown; use one of {', '.join(INIT_CHOICES)}")
+        if isinstance(self.targets, str):
+            _check(self.targets in TARGET_PRESETS, f"method.targets={self.targets!r} is not a preset; use one of {', '.join(TARGET_PRESETS)} or a list of module names")
+        else:
+            _check(bool(self.targets) and all(isinstance(t, str) and t for t in self.targets),
+                   f"method.targets={self.targets!r} must be a preset name or a non-empty list of module names")
+
+    @property
+    def effective_alpha(self) -> float:
+        return self.alpha_ratio * self.r if self.alpha_policy == "ratio" else self.alpha
+
+    @property
+    def scaling_label(self) -> str:
+        """How alpha was chosen, for grouping runs into series: 'alpha=16', 'alpha=2r', 'rslora alpha=16'."""
+        base = f"alpha={self.alpha_ratio:g}r" if self.alpha_policy == "ratio" else f"alpha={self.alpha:g}"
+        return f"rslora {base}" if self.use_rslora else base
+
+
+@dataclass
+class TrainSettings:
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 150  # optimizer steps; -1 to train for `epochs` instead
+    epochs: float = 1.0
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_seq_len: int = 64  # truncation length; batches are padded dynamically
+    seed: int = 0
+    threads: int = 0  # torch threads; 0 = leave torch's default
+    device: str = "auto"  # auto (CUDA with bf16 if present, else CPU fp32) | cpu | cuda
+    eval_batch_size: int = 128
+    log_every: int = 10  # steps between logged losses
+    memory_probe: bool = True  # measure one optimizer step's peak tensor memory and its split
+    save_adapter: bool = True  # save the adapter (or full model) and record its size on disk
+
+    def validate(self) -> None:
+        for key in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size", "log_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}={getattr(self, key)} must be >= 1")
+        _check(self.max_steps >= 1 or (self.max_steps == -1 and self.epochs > 0),
+               f"train.max_steps={self.max_steps} must be >= 1, or -1 with train.epochs > 0")
+        _check(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} is not allowed; use auto, cpu or cuda")
+
+
+@dataclass
+class LoggerSettings:
+    name: str = "none"  # none | wandb
+    project: str = "lora-sweep"
+    mode: str = "offline"  # wandb mode: online | offline | disabled
+
+    def validate(self) -> None:
+        _check(self.name in ("none", "wandb"), f"logger={self.name!r} is unknown; use none or wandb")
+        _check(self.mode in ("online", "offline", "disabled"), f"logger.mode={self.mode!r} is not allowed; use online, offline or disabled")
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    task: TaskSettings = field(default_factory=TaskSettings)
+    method: MethodSettings = field(default_factory=MethodSettings)
+    baseline: MethodSettings = field(default_factory=MethodSettings)  # the full-FT method every LoRA run is paired with
+    train: TrainSettings = field(default_factory=TrainSettings)
+    logger: LoggerSettings = field(default_factory=LoggerSettings)
+    results_dir: str = "results/runs"
+    cache_dir: str = ".cache/lora_sweep"
+    pair_baseline: bool = True  # ensure the paired full-FT run before each LoRA run
+    rerun: bool = False  # run again even if a `done` record exists
+
+    def validate(self) -> None:
+        for part in (self.task, self.method, self.baseline, self.train, self.logger):
+            part.validate()
+        _check(self.baseline.name == "full", f"baseline must be a full fine-tuning method, not {self.baseline.name!r}")
+
+
+def register() -> None:
+    """Make `Settings` the schema Hydra validates `conf/config.yaml` against."""
+    ConfigStore.instance().store(name="settings_schema", node=Settings)
+
+
+def from_config(cfg: DictConfig) -> Settings:
+    """Turn a composed config into validated settings, or raise a one-line UserError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Settings), cfg)
+        settings = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    settings.validate()
+    return settings
+
+
+def compose(*overrides: str) -> Settings:
+    """Settings from `conf/` with command-line style overrides, outside a Hydra app (tests, notebooks, benchmarks)."""
+    register()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return from_config(hydra_compose(config_name="config", overrides=list(overrides)))

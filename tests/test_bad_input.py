@@ -1,0 +1,74 @@
+"""Every bad input ends with one clear error, a non-zero exit within seconds, and no `done` record."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+QUICK = ["train.max_steps=2", "task.max_train_examples=64", "task.max_eval_examples=32", "train.save_adapter=false"]
+
+
+def lora_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)
+    args = [sys.executable, "-m", "lora_sweep", f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'out'}", *QUICK, *overrides]
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+
+
+def done_records(tmp_path: Path) -> list[dict]:
+    folder = tmp_path / "runs"
+    found = [json.loads(p.read_text()) for p in folder.glob("*.json")] if folder.is_dir() else []
+    return [r for r in found if r["status"] == "done"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method.targets=qvx"], "method.targets='qvx' is not a preset; use one of qv, qkvo, mlp, all_linear"),
+    (["method.targets=[nothing_here]"], "matches no linear module of this model; its linear modules are: bert.encoder.layer.N.attention.output.dense, bert.encoder.layer.N.attention.self.key"),
+    (["method.r=0"], "method.r=0 must be >= 1"),
+    (["method.r=1000"], "method.r=1000 is larger than the smallest adapted matrix allows; use r <= 384"),
+    (["method.alpha=0"], "alpha=0.0 must be > 0"),
+    (["method.dropout=1.0"], "method.dropout=1.0 must be in [0, 1)"),
+    (["task.name=nope"], "GLUE task 'nope' is unknown; use one of sst2, mrpc"),
+    (["model.name_or_path=FacebookAI/roberta-base"], "needs the Hugging Face hub, which cannot be reached"),
+    (["task=glue/mnli"], "nyu-mll/glue) needs the Hugging Face hub, which cannot be reached"),
+])
+def test_bad_settings_fail_with_one_line(tmp_path, overrides, message):
+    started = time.perf_counter()
+    result = lora_sweep(tmp_path, *overrides)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.perf_counter() - started < 60
+    assert done_records(tmp_path) == []
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path):
+    glue_dir = tmp_path / "glue" / "SST-2"
+    glue_dir.mkdir(parents=True)
+    (glue_dir / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\textra\n")
+    (glue_dir / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    result = lora_sweep(tmp_path, f"task.data_dir={tmp_path / 'glue'}", "pair_baseline=false")
+    assert result.returncode == 2
+    assert "train.tsv line 3: expected 2 tab-separated columns, found 3" in result.stderr
+    assert done_records(tmp_path) == []
+    failed = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert [r["status"] for r in failed] == ["failed"] and "line 3" in failed[0]["error"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["task=glue/nope"], "Could not find 'task/glue/nope'"),
+    (["method=nope"], "Could not find 'method/nope'"),
+    (["method.r=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+])
+def test_unknown_choices_are_refused_by_hydra_with_the_options(tmp_path, overrides, message):
+    result = lora_sweep(tmp_path, *overrides)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,55 @@
+"""The real embedded model on a few real SST-2 batches: a complete record, and the same seed gives the same run."""
+
+import json
+
+import pytest
+
+from lora_sweep import experiment, records
+from lora_sweep.settings import compose as compose_settings
+
+FEW = ["train.max_steps=4", "train.batch_size=8", "train.log_every=2", "task.max_train_examples=64", "task.max_eval_examples=48"]
+
+
+def settings_for(tmp_path, *overrides):
+    return compose_settings(*FEW, f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", *overrides)
+
+
+def test_one_lora_run_writes_a_complete_record_with_its_baseline(tmp_path):
+    record = experiment.run(settings_for(tmp_path, "method.r=4"))
+    on_disk = json.loads(records.record_path(tmp_path / "runs", record["run_id"]).read_text())
+    assert on_disk == json.loads(json.dumps(record, default=str))
+    assert record["status"] == "done" and record["error"] is None
+    assert (record["model"], record["task"], record["method"], record["r"], record["alpha"], record["targets"], record["seed"]) == \
+        ("minilm_l6", "sst2", "lora", 4, 16.0, "qv", 0)
+    # 6 layers x (query + value) x (384 + 384) x r, plus pooler and classifier
+    assert record["params"]["adapter"] == 6 * 2 * (384 + 384) * 4
+    assert record["params"]["head"] == (384 * 384 + 384) + (384 * 2 + 2)
+    assert record["params"]["trainable"] == record["params"]["adapter"] + record["params"]["head"]
+    assert record["params"]["total"] == 22_713_986
+    assert record["primary_metric"] == "accuracy" and 0 <= record["metrics"]["accuracy"] <= 1
+    assert [step for step, _ in record["loss_curve"]] == [2, 4]
+    memory = record["memory"]
+    assert memory["device"] == "cpu" and memory["peak_bytes"] == sum(memory["split_bytes"].values())
+    assert memory["split_bytes"]["optimizer"] == pytest.approx(8 * record["params"]["trainable"], rel=0.02)
+    times = record["time"]
+    assert times["steps"] == 4 and times["train_s"] > 0 and times["samples_per_s"] > 0 and times["tokens_per_s"] > times["samples_per_s"]
+    assert record["artifact"]["bytes"] >= 4 * record["params"]["trainable"]
+    assert record["environment"]["packages"]["peft"] and record["eval_examples"] == 48
+
+    baseline = records.read_record(tmp_path / "runs", record["baseline_run_id"])
+    assert baseline["status"] == "done" and baseline["method"] == "full" and record["baseline_status"] == "done"
+    assert baseline["params"]["trainable"] == baseline["params"]["total"]
+    assert baseline["memory"]["peak_bytes"] > memory["peak_bytes"]
+
+
+def test_same_seed_twice_gives_identical_results_and_the_second_is_skipped(tmp_path):
+    overrides = ("pair_baseline=false", "train.save_adapter=false", "train.memory_probe=false")
+    first = experiment.run(settings_for(tmp_path, *overrides))
+    again = experiment.run(settings_for(tmp_path, *overrides, "rerun=true"))
+    assert again["run_id"] == first["run_id"]
+    assert again["metrics"] == first["metrics"] and again["loss_curve"] == first["loss_curve"]
+    assert len(list((tmp_path / "runs" / "history").glob("*.json"))) == 1  # the replaced record is kept
+    skipped = experiment.run(settings_for(tmp_path, *overrides))
+    assert skipped["started_at"] == again["started_at"]
+    other_seed = experiment.run(settings_for(tmp_path, *overrides, "train.seed=1"))
+    assert other_seed["run_id"] != first["run_id"] and other_seed["loss_curve"] != first["loss_curve"]
