@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 sweep: $(VENV)/.installed
-	$(VENV)/bin/lora-sweep
+	$(VENV)/bin/lora-sweep +sweep=rank
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

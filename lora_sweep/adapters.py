@@ -104,6 +104,14 @@ def check_lora(model: nn.Module, method: MethodSettings) -> list[str]:
     return targets
 
 
+def budget_rank(model: nn.Module, method: MethodSettings) -> int:
+    """The rank at which `method.targets` has as many adapter parameters as `method.match_budget` at rank `method.r`."""
+    def width(targets) -> int:  # sum of (d + k) over the adapted matrices: parameters per unit of rank
+        return sum(model.get_submodule(n).in_features + model.get_submodule(n).out_features for n in resolve_targets(model, targets))
+
+    return max(1, round(method.r * width(method.match_budget) / width(method.targets)))
+
+
 def _init_value(init: str) -> bool | str:
     lowered = str(init).lower()
     return {"true": True, "false": False}.get(lowered, lowered)

@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 from lora_sweep import adapters, data, glue, records
 from lora_sweep.errors import UserError
 from lora_sweep.hub import resolve_model
-from lora_sweep.settings import Settings
+from lora_sweep.settings import MethodSettings, Settings
 from lora_sweep.tracking import Tracker
 from lora_sweep.train import fit, make_accelerator
 
@@ -52,6 +52,7 @@ class Plan:
     """What a run is before it runs: its id and the facts its id depends on."""
 
     settings: Settings
+    method: MethodSettings  # as trained: the rank resolved where method.match_budget asks for one
     family: Any  # the task family's module (lora_sweep.glue, ...)
     model_path: str
     device: str
@@ -72,10 +73,14 @@ def plan(settings: Settings) -> Plan:
     path = resolve_model(settings.model.name_or_path)
     device = resolve_device(settings.train.device)
     source = family.resolve_source(settings.task)
-    if settings.method.name == "lora":
-        adapters.check_lora(family.load_model(path, settings, meta=True), settings.method)
+    method = settings.method
+    if method.name == "lora":
+        skeleton = family.load_model(path, settings, meta=True)
+        if method.match_budget:
+            method = dataclasses.replace(method, r=adapters.budget_rank(skeleton, method), match_budget=None)
+        adapters.check_lora(skeleton, method)
     ident = records.identity(settings, device, source)
-    return Plan(settings, family, path, device, source, ident, records.run_id(ident))
+    return Plan(settings, method, family, path, device, source, ident, records.run_id(ident))
 
 
 def baseline_settings(settings: Settings) -> Settings:
@@ -92,22 +97,22 @@ def run(settings: Settings, parallel_jobs: int = 1) -> dict[str, Any]:
     with records.run_lock(settings.results_dir, p.run_id):
         existing = records.read_record(settings.results_dir, p.run_id)
         if existing and existing["status"] == "done" and not settings.rerun:
-            print(f"[lora-sweep] {p.run_id} ({describe(settings)}) already done: skipped")
+            print(f"[lora-sweep] {p.run_id} ({describe(p)}) already done: skipped")
             return existing
-        print(f"[lora-sweep] {p.run_id} ({describe(settings)}) starting")
+        print(f"[lora-sweep] {p.run_id} ({describe(p)}) starting")
         record = execute(p, baseline, resolve_threads(settings.train.threads, parallel_jobs))
         records.write_record(settings.results_dir, record)
     return record
 
 
-def describe(settings: Settings) -> str:
-    m = settings.method
+def describe(p: Plan) -> str:
+    settings, m = p.settings, p.method
     what = "full FT" if m.name == "full" else f"LoRA r={m.r} {m.scaling_label} targets={m.targets}"
     return f"{settings.model.name} {settings.task.name} {what} lr={m.lr:g} seed={settings.train.seed}"
 
 
 def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict[str, Any]:
-    s, m = p.settings, p.settings.method
+    s, m = p.settings, p.method
     lora = m.name == "lora"
     return {
         "schema_version": records.SCHEMA_VERSION,
@@ -127,6 +132,7 @@ def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict
         "alpha_policy": ("rslora" if m.use_rslora else m.alpha_policy) if lora else None,
         "scaling": m.scaling_label if lora else None,
         "targets": (m.targets if isinstance(m.targets, str) else list(m.targets)) if lora else None,
+        "match_budget": s.method.match_budget if lora else None,
         "lr": m.lr,
         "seed": s.train.seed,
         "baseline_run_id": baseline["run_id"] if baseline else None,
@@ -168,8 +174,8 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     set_seed(s.train.seed)  # before the head and the adapter are initialised: same seed, same run
     model = p.family.load_model(p.model_path, s)
     base_total = sum(p_.numel() for p_ in model.parameters())
-    model, adapted = adapters.apply_method(model, s.method, p.family.TASK_TYPE)
-    counts = adapters.count_parameters(model, base_total, s.method.name)
+    model, adapted = adapters.apply_method(model, p.method, p.family.TASK_TYPE)
+    counts = adapters.count_parameters(model, base_total, p.method.name)
 
     start = time.perf_counter()
     tokens, cached = data.prepare(p.family, s, p.source, tokenizer, f"{s.model.name_or_path}@{s.model.revision}")
@@ -183,7 +189,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     accelerator = make_accelerator(s.train, p.device)
     if p.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = fit(accelerator, model, train_loader, s.method, s.train, on_log=tracker.log_loss)
+    result = fit(accelerator, model, train_loader, p.method, s.train, on_log=tracker.log_loss)
 
     out: dict[str, Any] = {
         "adapted_modules": adapted,

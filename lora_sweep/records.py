@@ -26,7 +26,7 @@ from lora_sweep.settings import MethodSettings, Settings
 
 SCHEMA_VERSION = 1
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "lora-sweep")
-_LORA_ONLY = ("r", "alpha", "alpha_policy", "alpha_ratio", "use_rslora", "dropout", "targets", "use_dora", "init")
+_LORA_ONLY = ("r", "alpha", "alpha_policy", "alpha_ratio", "use_rslora", "dropout", "targets", "use_dora", "init", "match_budget")
 # Settings that change how a run is executed or reported but not its result.
 _NOT_IDENTITY = {"train": ("threads", "device", "eval_batch_size", "log_every", "memory_probe", "save_adapter"), "task": ("data_dir",)}
 

@@ -68,6 +68,7 @@ class MethodSettings:
     targets: Any = "qv"  # a preset (qv, qkvo, mlp, all_linear) or a list of module-name regexes
     use_dora: bool = False
     init: str = "true"  # PEFT's init_lora_weights
+    match_budget: str | None = None  # a preset: choose r so the adapter is as large as that preset's at rank `r`
 
     def validate(self) -> None:
         _check(self.name in ("lora", "full"), f"method={self.name!r} is unknown; use lora or full")
@@ -84,6 +85,8 @@ class MethodSettings:
         else:
             _check(bool(self.targets) and all(isinstance(t, str) and t for t in self.targets),
                    f"method.targets={self.targets!r} must be a preset name or a non-empty list of module names")
+        _check(self.match_budget is None or self.match_budget in TARGET_PRESETS,
+               f"method.match_budget={self.match_budget!r} is not a preset; use one of {', '.join(TARGET_PRESETS)} or null")
 
     @property
     def effective_alpha(self) -> float:
