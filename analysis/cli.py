@@ -1,0 +1,28 @@
+"""`lora-analyze [RESULTS_DIR]`: tables, plots and report.md from the run records in RESULTS_DIR/runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lora_sweep.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lora-analyze", description=__doc__.splitlines()[0])
+    parser.add_argument("results_dir", nargs="?", default="results", help="folder holding runs/ (default: results)")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="points from full FT a recommended rank may lose (default 1)")
+    args = parser.parse_args(argv)
+    from analysis import report
+
+    try:
+        path = report.write(Path(args.results_dir) / "runs", args.tolerance)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"[lora-analyze] wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Run records -> one tidy pandas DataFrame, a row per run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lora_sweep.errors import UserError
+from lora_sweep.records import SCHEMA_VERSION
+
+MIB = 2**20
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    config = record.get("config") or {}
+    train = config.get("train") or {}
+    memory = record.get("memory") or {}
+    split = memory.get("split_bytes") or {}
+    times = record.get("time") or {}
+    params = record.get("params") or {}
+    targets = record.get("targets")
+    row = {
+        "run_id": record["run_id"],
+        "status": record["status"],
+        "error": record.get("error"),
+        "diverged_at_step": record.get("diverged_at_step"),
+        "task": record["task"],
+        "task_family": record.get("task_family"),
+        "model": record["model"],
+        "method": record["method"],
+        "r": record.get("r"),
+        "alpha": record.get("alpha"),
+        "alpha_policy": record.get("alpha_policy"),
+        "scaling": record.get("scaling"),
+        "targets": targets if isinstance(targets, str) or targets is None else ",".join(targets),
+        "seed": record.get("seed"),
+        "lr": record.get("lr"),
+        "baseline_run_id": record.get("baseline_run_id"),
+        "max_steps": train.get("max_steps"),
+        "batch_size": train.get("batch_size"),
+        "max_seq_len": train.get("max_seq_len"),
+        "primary_metric": record.get("primary_metric"),
+        "primary_value": record.get("primary_value"),
+        "params_total": params.get("total"),
+        "params_trainable": params.get("trainable"),
+        "params_adapter": params.get("adapter"),
+        "params_head": params.get("head"),
+        "device": memory.get("device"),
+        "peak_mib": memory["peak_bytes"] / MIB if memory.get("peak_bytes") else None,
+        "cuda_max_allocated_mib": memory["cuda_max_allocated_bytes"] / MIB if memory.get("cuda_max_allocated_bytes") else None,
+        "train_s": times.get("train_s"),
+        "eval_s": times.get("eval_s"),
+        "data_prep_s": times.get("data_prep_s"),
+        "samples_per_s": times.get("samples_per_s"),
+        "tokens_per_s": times.get("tokens_per_s"),
+        "artifact_bytes": (record.get("artifact") or {}).get("bytes"),
+        "loss_curve": json.dumps(record.get("loss_curve") or []),
+        "versions": json.dumps((record.get("environment") or {}).get("packages") or {}),
+        "finished_at": record.get("finished_at"),
+    }
+    row.update({f"mem_{k}_mib": v / MIB for k, v in split.items()})
+    row.update({f"metric_{k}": v for k, v in (record.get("metrics") or {}).items()})
+    return row
+
+
+def load_records(records_dir: str | Path, run_ids: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """All readable records of a folder (or just `run_ids`) as a DataFrame, and a note for each file skipped."""
+    folder = Path(records_dir)
+    if not folder.is_dir():
+        raise UserError(f"no results folder at {folder}; run a sweep first (e.g. `lora-sweep +sweep=quick`)")
+    paths = [folder / f"{rid}.json" for rid in run_ids] if run_ids is not None else sorted(folder.glob("*.json"))
+    rows, skipped = [], []
+    for path in paths:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            skipped.append(f"{path.name}: unreadable ({type(exc).__name__})")
+            continue
+        version = record.get("schema_version")
+        if version != SCHEMA_VERSION:
+            skipped.append(f"{path.name}: schema version {version}, this analysis reads version {SCHEMA_VERSION}")
+            continue
+        rows.append(_row(record))
+    if not rows:
+        raise UserError(f"no readable run records in {folder}" + (f" ({'; '.join(skipped)})" if skipped else ""))
+    return pd.DataFrame(rows), skipped

@@ -1,0 +1,208 @@
+"""The trade-off figures, one set per task and model, plus a small-multiples overview across tasks.
+
+Every function takes the tidy tables (analysis.tables) and writes PNG and SVG, returning the PNG path.
+Where a learning-rate grid exists, the trade-off plots show each rank at its best learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+matplotlib.rcParams["svg.fonttype"] = "none"  # keep text as text in SVG: searchable, and checked by the tests
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.tables import POINTS  # noqa: E402
+
+SPLIT = ["weights", "gradients", "optimizer", "activations", "other"]
+FULL_COLOR = "black"
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    for suffix in ("png", "svg"):
+        fig.savefig(folder / f"{name}.{suffix}", dpi=130)
+    plt.close(fig)
+    return folder / f"{name}.png"
+
+
+def series_label(row) -> str:
+    return f"{row['targets']}, {row['scaling']}"
+
+
+def best_lr(paired: pd.DataFrame) -> pd.DataFrame:
+    """One row per (series, rank): the learning rate with the best mean metric."""
+    ranked = paired.assign(series=paired.apply(series_label, axis=1)).sort_values("primary_value_mean", ascending=False)
+    return ranked.drop_duplicates(["series", "r"]).sort_values(["series", "r"])
+
+
+def pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of points no other point beats on both axes (lower x, higher y), sorted by x."""
+    order = np.lexsort((-y, x))
+    front, best = [], -np.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return np.array(front, dtype=int)
+
+
+def _full_band(ax, full: pd.Series, metric: str) -> None:
+    mean, ci = POINTS * full["primary_value_mean"], POINTS * np.nan_to_num(full["primary_value_ci95"])
+    ax.axhline(mean, color=FULL_COLOR, lw=1.2, ls="--", label=f"full FT ({metric} {mean:.1f})")
+    if ci > 0:
+        ax.axhspan(mean - ci, mean + ci, color=FULL_COLOR, alpha=0.12, label="full FT 95% CI")
+
+
+def _tradeoff(ax, points: pd.DataFrame, full: pd.Series | None, x: str, full_x: float | None, metric: str) -> None:
+    for series, group in points.groupby("series", sort=True):
+        y, err = POINTS * group["primary_value_mean"], POINTS * group["primary_value_ci95"].fillna(0)
+        ax.errorbar(group[x], y, yerr=err, marker="o", capsize=3, label=series)
+        for _, row in group.iterrows():
+            ax.annotate(f"r={int(row['r'])}", (row[x], POINTS * row["primary_value_mean"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    xs, ys = points[x].to_numpy(float), (POINTS * points["primary_value_mean"]).to_numpy(float)
+    if full is not None:
+        _full_band(ax, full, metric)
+        if full_x is not None:
+            xs, ys = np.append(xs, full_x), np.append(ys, POINTS * full["primary_value_mean"])
+            ax.plot([full_x], [POINTS * full["primary_value_mean"]], marker="*", ms=12, color=FULL_COLOR, ls="none")
+    front = pareto(xs, ys)
+    ax.step(xs[front], ys[front], where="post", color="tab:red", alpha=0.35, lw=4, label="Pareto frontier")
+    ax.set_ylabel(f"{metric} (dev, points)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def metric_vs_params(points, full, title, metric, folder, name) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    full_x = full["params_trainable_mean"] if full is not None else None
+    _tradeoff(ax, points, full, "params_trainable_mean", full_x, metric)
+    if full_x is not None:
+        ax.annotate(f"full FT: {full_x:,.0f}", (full_x, POINTS * full["primary_value_mean"]), textcoords="offset points",
+                    xytext=(-10, 8), fontsize=7, ha="right")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_title(f"{title}: {metric} against trainable parameters")
+    return _save(fig, folder, name)
+
+
+def metric_vs_memory(points, full, title, metric, device, folder, name) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    _tradeoff(ax, points, full, "peak_mib_mean", full["peak_mib_mean"] if full is not None else None, metric)
+    what = "peak GPU memory (tensor bytes, MiB)" if device == "cuda" else "peak tensor memory on CPU (MiB)"
+    ax.set_xlabel(what)
+    ax.set_title(f"{title}: {metric} against peak memory")
+    return _save(fig, folder, name)
+
+
+def memory_split(points, full, title, folder, name) -> Path:
+    series = points["series"].value_counts().index[0]
+    rows = points[points["series"] == series].sort_values("r")
+    labels = [f"r={int(r)}" for r in rows["r"]]
+    bars = [rows[[f"mem_{k}_mib_mean" for k in SPLIT]].fillna(0).to_numpy()]
+    if full is not None:
+        labels.append("full FT")
+        bars.append(full[[f"mem_{k}_mib_mean" for k in SPLIT]].fillna(0).to_numpy(float)[None, :])
+    values = np.vstack(bars)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bottom = np.zeros(len(labels))
+    for i, part in enumerate(SPLIT):
+        ax.bar(labels, values[:, i], bottom=bottom, label=part)
+        bottom += values[:, i]
+    ax.set_ylabel("memory at the peak of a training step (MiB)")
+    ax.set_title(f"{title}: peak memory split ({series})")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, folder, name)
+
+
+def metric_vs_rank(points, full, title, metric, folder, name) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for scaling, group in points.groupby("scaling", sort=True):
+        best = group.sort_values("primary_value_mean", ascending=False).drop_duplicates("r").sort_values("r")
+        ax.errorbar(best["r"], POINTS * best["primary_value_mean"], yerr=POINTS * best["primary_value_ci95"].fillna(0),
+                    marker="o", capsize=3, label=scaling)
+    if full is not None:
+        _full_band(ax, full, metric)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("LoRA rank r (log scale)")
+    ax.set_ylabel(f"{metric} (dev, points)")
+    ax.set_title(f"{title}: {metric} against rank, by alpha policy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, folder, name)
+
+
+def _mean_curve(curves: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    frames = [pd.Series(dict((int(s), float(v)) for s, v in json.loads(c))) for c in curves if c]
+    mean = pd.concat(frames, axis=1).mean(axis=1).sort_index()
+    return mean.index.to_numpy(), mean.to_numpy()
+
+
+def loss_curves(runs: pd.DataFrame, title, folder, name) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lora = runs[runs["method"] == "lora"]
+    series = lora.assign(series=lora.apply(series_label, axis=1))
+    main = series["series"].value_counts().index[0] if len(series) else None
+    for r, group in series[series["series"] == main].groupby("r", sort=True):
+        steps, loss = _mean_curve(group["loss_curve"].tolist())
+        ax.plot(steps, loss, label=f"LoRA r={int(r)}")
+    full = runs[runs["method"] == "full"]
+    if len(full):
+        steps, loss = _mean_curve(full["loss_curve"].tolist())
+        ax.plot(steps, loss, color=FULL_COLOR, lw=2, label="full FT")
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer step (log scale)")
+    ax.set_ylabel("training loss (mean over logged window and seeds)")
+    ax.set_title(f"{title}: training loss" + (f" ({main})" if main else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, folder, name)
+
+
+def metric_vs_lr(agg: pd.DataFrame, title, metric, folder, name) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lora = agg[agg["method"] == "lora"]
+    for r, group in lora.groupby("r", sort=True):
+        group = group.sort_values("lr")
+        ax.errorbar(group["lr"], POINTS * group["primary_value_mean"], yerr=POINTS * group["primary_value_ci95"].fillna(0),
+                    marker="o", capsize=3, label=f"LoRA r={int(r)}")
+    full = agg[agg["method"] == "full"].sort_values("lr")
+    if len(full):
+        ax.errorbar(full["lr"], POINTS * full["primary_value_mean"], yerr=POINTS * full["primary_value_ci95"].fillna(0),
+                    marker="s", color=FULL_COLOR, lw=2, capsize=3, label="full FT")
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate (log scale)")
+    ax.set_ylabel(f"{metric} (dev, points)")
+    ax.set_title(f"{title}: {metric} against learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, folder, name)
+
+
+def overview(panels: list[tuple[str, pd.DataFrame, pd.Series | None, str]], folder: Path, name: str) -> Path:
+    """Small multiples: metric against trainable parameters, one panel per task."""
+    cols = min(3, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    for ax, (title, points, full, metric) in zip(axes.flat, panels):
+        for series, group in points.groupby("series", sort=True):
+            ax.plot(group["params_trainable_mean"], POINTS * group["primary_value_mean"], marker="o", label=series)
+        if full is not None:
+            _full_band(ax, full, metric)
+        ax.set_xscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("trainable parameters", fontsize=8)
+        ax.set_ylabel(f"{metric} (points)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    return _save(fig, folder, name)
