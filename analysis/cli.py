@@ -12,7 +12,9 @@ from lora_sweep.errors import UserError
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lora-analyze", description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", nargs="?", default="results", help="folder holding runs/ (default: results)")
-    parser.add_argument("--tolerance", type=float, default=1.0, help="points from full FT a recommended rank may lose (default 1)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="how far from full FT a recommended rank may fall, in the metric's display units "
+                             "(default: 1 point for GLUE metrics, 0.02 nats for a loss)")
     args = parser.parse_args(argv)
     from analysis import report
 

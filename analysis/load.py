@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from lora_sweep.errors import UserError
+from lora_sweep.metrics import metric_info
 from lora_sweep.records import SCHEMA_VERSION
 
 MIB = 2**20
@@ -61,6 +62,8 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "versions": json.dumps((record.get("environment") or {}).get("packages") or {}),
         "finished_at": record.get("finished_at"),
     }
+    info = metric_info(record.get("primary_metric") or "")
+    row.update(higher_is_better=info.higher_is_better, primary_scale=info.scale, primary_unit=info.unit)
     row.update({f"mem_{k}_mib": v / MIB for k, v in split.items()})
     row.update({f"metric_{k}": v for k, v in (record.get("metrics") or {}).items()})
     return row

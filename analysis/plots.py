@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.tables import POINTS  # noqa: E402
+from analysis.tables import oriented  # noqa: E402
+from lora_sweep.metrics import metric_info  # noqa: E402
 
 SPLIT = ["weights", "gradients", "optimizer", "activations", "other"]
 FULL_COLOR = "black"
@@ -32,13 +33,24 @@ def _save(fig, folder: Path, name: str) -> Path:
     return folder / f"{name}.png"
 
 
+def view(metric: str) -> tuple[float, str]:
+    """The display scale of a metric and its axis label (units, and which way is better)."""
+    info = metric_info(metric)
+    better = "higher" if info.higher_is_better else "lower"
+    return info.scale, f"{metric} ({info.unit}; {better} is better)" if info.unit else f"{metric} ({better} is better)"
+
+
+def _best_first(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(_score=oriented(frame["primary_value_mean"], frame["higher_is_better"])).sort_values("_score", ascending=False)
+
+
 def series_label(row) -> str:
     return f"{row['targets']}, {row['scaling']}"
 
 
 def best_lr(paired: pd.DataFrame) -> pd.DataFrame:
     """One row per (series, rank): the learning rate with the best mean metric."""
-    ranked = paired.assign(series=paired.apply(series_label, axis=1)).sort_values("primary_value_mean", ascending=False)
+    ranked = _best_first(paired.assign(series=paired.apply(series_label, axis=1)))
     return ranked.drop_duplicates(["series", "r"]).sort_values(["series", "r"])
 
 
@@ -54,28 +66,30 @@ def pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _full_band(ax, full: pd.Series, metric: str) -> None:
-    mean, ci = POINTS * full["primary_value_mean"], POINTS * np.nan_to_num(full["primary_value_ci95"])
+    scale, _ = view(metric)
+    mean, ci = scale * full["primary_value_mean"], scale * np.nan_to_num(full["primary_value_ci95"])
     ax.axhline(mean, color=FULL_COLOR, lw=1.2, ls="--", label=f"full FT ({metric} {mean:.1f})")
     if ci > 0:
         ax.axhspan(mean - ci, mean + ci, color=FULL_COLOR, alpha=0.12, label="full FT 95% CI")
 
 
 def _tradeoff(ax, points: pd.DataFrame, full: pd.Series | None, x: str, full_x: float | None, metric: str) -> None:
+    scale, label = view(metric)
     for series, group in points.groupby("series", sort=True):
-        y, err = POINTS * group["primary_value_mean"], POINTS * group["primary_value_ci95"].fillna(0)
+        y, err = scale * group["primary_value_mean"], scale * group["primary_value_ci95"].fillna(0)
         ax.errorbar(group[x], y, yerr=err, marker="o", capsize=3, label=series)
         for _, row in group.iterrows():
-            ax.annotate(f"r={int(row['r'])}", (row[x], POINTS * row["primary_value_mean"]), textcoords="offset points",
+            ax.annotate(f"r={int(row['r'])}", (row[x], scale * row["primary_value_mean"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
-    xs, ys = points[x].to_numpy(float), (POINTS * points["primary_value_mean"]).to_numpy(float)
+    xs, ys = points[x].to_numpy(float), (scale * points["primary_value_mean"]).to_numpy(float)
     if full is not None:
         _full_band(ax, full, metric)
         if full_x is not None:
-            xs, ys = np.append(xs, full_x), np.append(ys, POINTS * full["primary_value_mean"])
-            ax.plot([full_x], [POINTS * full["primary_value_mean"]], marker="*", ms=12, color=FULL_COLOR, ls="none")
-    front = pareto(xs, ys)
+            xs, ys = np.append(xs, full_x), np.append(ys, scale * full["primary_value_mean"])
+            ax.plot([full_x], [scale * full["primary_value_mean"]], marker="*", ms=12, color=FULL_COLOR, ls="none")
+    front = pareto(xs, oriented(ys, metric_info(metric).higher_is_better))
     ax.step(xs[front], ys[front], where="post", color="tab:red", alpha=0.35, lw=4, label="Pareto frontier")
-    ax.set_ylabel(f"{metric} (dev, points)")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -85,7 +99,7 @@ def metric_vs_params(points, full, title, metric, folder, name) -> Path:
     full_x = full["params_trainable_mean"] if full is not None else None
     _tradeoff(ax, points, full, "params_trainable_mean", full_x, metric)
     if full_x is not None:
-        ax.annotate(f"full FT: {full_x:,.0f}", (full_x, POINTS * full["primary_value_mean"]), textcoords="offset points",
+        ax.annotate(f"full FT: {full_x:,.0f}", (full_x, view(metric)[0] * full["primary_value_mean"]), textcoords="offset points",
                     xytext=(-10, 8), fontsize=7, ha="right")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
@@ -124,16 +138,17 @@ def memory_split(points, full, title, folder, name) -> Path:
 
 
 def metric_vs_rank(points, full, title, metric, folder, name) -> Path:
+    scale, label = view(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for scaling, group in points.groupby("scaling", sort=True):
-        best = group.sort_values("primary_value_mean", ascending=False).drop_duplicates("r").sort_values("r")
-        ax.errorbar(best["r"], POINTS * best["primary_value_mean"], yerr=POINTS * best["primary_value_ci95"].fillna(0),
+        best = _best_first(group).drop_duplicates("r").sort_values("r")
+        ax.errorbar(best["r"], scale * best["primary_value_mean"], yerr=scale * best["primary_value_ci95"].fillna(0),
                     marker="o", capsize=3, label=scaling)
     if full is not None:
         _full_band(ax, full, metric)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LoRA rank r (log scale)")
-    ax.set_ylabel(f"{metric} (dev, points)")
+    ax.set_ylabel(label)
     ax.set_title(f"{title}: {metric} against rank, by alpha policy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -168,19 +183,20 @@ def loss_curves(runs: pd.DataFrame, title, folder, name) -> Path:
 
 
 def metric_vs_lr(agg: pd.DataFrame, title, metric, folder, name) -> Path:
+    scale, label = view(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lora = agg[agg["method"] == "lora"]
     for r, group in lora.groupby("r", sort=True):
         group = group.sort_values("lr")
-        ax.errorbar(group["lr"], POINTS * group["primary_value_mean"], yerr=POINTS * group["primary_value_ci95"].fillna(0),
+        ax.errorbar(group["lr"], scale * group["primary_value_mean"], yerr=scale * group["primary_value_ci95"].fillna(0),
                     marker="o", capsize=3, label=f"LoRA r={int(r)}")
     full = agg[agg["method"] == "full"].sort_values("lr")
     if len(full):
-        ax.errorbar(full["lr"], POINTS * full["primary_value_mean"], yerr=POINTS * full["primary_value_ci95"].fillna(0),
+        ax.errorbar(full["lr"], scale * full["primary_value_mean"], yerr=scale * full["primary_value_ci95"].fillna(0),
                     marker="s", color=FULL_COLOR, lw=2, capsize=3, label="full FT")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate (log scale)")
-    ax.set_ylabel(f"{metric} (dev, points)")
+    ax.set_ylabel(label)
     ax.set_title(f"{title}: {metric} against learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -193,14 +209,15 @@ def overview(panels: list[tuple[str, pd.DataFrame, pd.Series | None, str]], fold
     rows = int(np.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
     for ax, (title, points, full, metric) in zip(axes.flat, panels):
+        scale, label = view(metric)
         for series, group in points.groupby("series", sort=True):
-            ax.plot(group["params_trainable_mean"], POINTS * group["primary_value_mean"], marker="o", label=series)
+            ax.plot(group["params_trainable_mean"], scale * group["primary_value_mean"], marker="o", label=series)
         if full is not None:
             _full_band(ax, full, metric)
         ax.set_xscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("trainable parameters", fontsize=8)
-        ax.set_ylabel(f"{metric} (points)", fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:

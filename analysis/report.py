@@ -9,7 +9,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.load import load_records
-from analysis.tables import POINTS, aggregate, pair_with_baselines, recommend
+from analysis.tables import aggregate, pair_with_baselines, recommend
 
 
 def _slug(*parts) -> str:
@@ -25,8 +25,10 @@ def _baseline_row(agg: pd.DataFrame, task: str, model: str, baseline_ids: set[st
 
 
 def _rank_table(paired: pd.DataFrame) -> pd.DataFrame:
+    scale = paired["primary_scale"].iloc[0]
+
     def pm(mean, ci):
-        return f"{POINTS * mean:.2f}" + (f" ± {POINTS * ci:.2f}" if pd.notna(ci) else "")
+        return f"{scale * mean:.3f}" + (f" ± {scale * ci:.3f}" if pd.notna(ci) else "")
 
     rows = paired.sort_values(["targets", "scaling", "lr", "r"])
     return pd.DataFrame({
@@ -35,7 +37,7 @@ def _rank_table(paired: pd.DataFrame) -> pd.DataFrame:
         "trainable": rows["params_trainable_mean"].map("{:,.0f}".format),
         "metric (± 95% CI)": [pm(m, c) for m, c in zip(rows["primary_value_mean"], rows["primary_value_ci95"])],
         "full FT": [pm(m, c) for m, c in zip(rows["full_mean"], rows["full_ci95"])],
-        "Δ points": rows["delta_points"].map("{:+.2f}".format),
+        f"Δ {rows['primary_unit'].iloc[0]} (+ = better)": rows["delta"].map("{:+.3f}".format),
         "% of full": rows["pct_of_full"].map("{:.1f}".format),
         "params vs full": rows["param_ratio"].map("{:.3%}".format),
         "memory vs full": rows["memory_ratio"].map("{:.0%}".format),
@@ -44,7 +46,7 @@ def _rank_table(paired: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def write(records_dir: str | Path, tolerance_points: float = 1.0) -> Path:
+def write(records_dir: str | Path, tolerance: float | None = None) -> Path:
     """Analyse the records in `records_dir` and write everything beside it (its parent folder); returns the report's path."""
     out = Path(records_dir).parent
     df, skipped = load_records(records_dir)
@@ -54,15 +56,15 @@ def write(records_dir: str | Path, tolerance_points: float = 1.0) -> Path:
     paired = pair_with_baselines(df, agg) if len(agg) else agg
     tables_dir, plots_dir = out / "tables", out / "plots"
     tables_dir.mkdir(exist_ok=True)
-    recommendation = recommend(paired, tolerance_points) if len(paired) else pd.DataFrame()
+    recommendation = recommend(paired, tolerance) if len(paired) else pd.DataFrame()
     for name, table in {"aggregate": agg, "paired": paired, "recommendation": recommendation}.items():
         table.to_csv(tables_dir / f"{name}.csv", index=False)
 
     lines = ["# lora-sweep report", ""]
     lines += _what_ran(df)
     lines += ["## Rank recommendation", "",
-              f"Smallest rank within {tolerance_points:g} point(s) of full fine-tuning (with several seeds: the lower end of the 95% CI).", ""]
-    lines += [recommendation[["task", "model", "targets", "recommendation"]].to_markdown(index=False, disable_numparse=True) if len(recommendation) else "No LoRA run finished.", ""]
+              "The smallest rank within the tolerance of full fine-tuning (with several seeds: the worse end of its 95% CI).", ""]
+    lines += [recommendation[["task", "model", "targets", "tolerance", "unit", "recommendation"]].to_markdown(index=False, disable_numparse=True) if len(recommendation) else "No LoRA run finished.", ""]
     (tables_dir / "recommendation.md").write_text(lines[-2] + "\n")
 
     panels = []
@@ -121,7 +123,8 @@ def _what_ran(df: pd.DataFrame) -> list[str]:
         + "; ".join(f"{b['max_steps']} × {b['batch_size']}, {b['max_seq_len']}" for b in budgets),
         f"- devices: {', '.join(sorted(df['device'].dropna().unique()))}; seeds: {', '.join(map(str, sorted(df['seed'].dropna().unique())))}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items() if v)}",
-        "- metrics are on the dev split, in points (× 100); memory is the peak of live tensor bytes during one training step",
+        "- metrics are on the GLUE dev split in points (× 100), or on held-out instruction examples (loss in nats per response token); "
+        "memory is the peak of live tensor bytes during one training step",
         "",
     ]
 

