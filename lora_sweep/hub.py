@@ -31,7 +31,7 @@ def _hub_problem() -> str | None:
     from huggingface_hub import constants, get_session
 
     try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT_S)
+        get_session().head(os.environ.get("HF_ENDPOINT", constants.ENDPOINT), timeout=HUB_TIMEOUT_S)
     except Exception as exc:  # any transport failure means the same thing to the user
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
     return None

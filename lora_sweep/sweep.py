@@ -77,13 +77,13 @@ class SweepCallback(Callback):
             if plan.settings.method.name == "lora" and plan.settings.pair_baseline:
                 baseline = experiment.baseline_settings(plan.settings)
                 baselines.setdefault(experiment.plan(baseline).run_id, baseline)
-        (sweep_dir / PLAN_FILE).write_text(json.dumps({
-            "jobs": len(plans), "started": time.time(), "results_dir": plans[0].settings.results_dir,
-            "run_ids": [p.run_id for p in plans], "baseline_ids": list(baselines)}, indent=1))
         print(f"[sweep] {len(plans)} runs ({len({p.run_id for p in plans})} distinct) and {len(baselines)} full-FT baseline(s)")
         if config.hydra.launcher._target_.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS:
             for baseline in baselines.values():
                 experiment.run(baseline)
+        (sweep_dir / PLAN_FILE).write_text(json.dumps({  # written once the jobs are about to start: their ETA clock
+            "jobs": len(plans), "started": time.time(), "results_dir": plans[0].settings.results_dir,
+            "run_ids": [p.run_id for p in plans], "baseline_ids": list(baselines)}, indent=1))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         sweep_dir = Path(HydraConfig.get().sweep.dir)

@@ -53,3 +53,22 @@ def test_same_seed_twice_gives_identical_results_and_the_second_is_skipped(tmp_p
     assert skipped["started_at"] == again["started_at"]
     other_seed = experiment.run(settings_for(tmp_path, *overrides, "train.seed=1"))
     assert other_seed["run_id"] != first["run_id"] and other_seed["loss_curve"] != first["loss_curve"]
+
+
+def test_a_diverging_run_is_recorded_as_diverged_with_its_step(tmp_path, tiny_bert_dir):
+    record = experiment.run(compose_settings(
+        *FEW, f"model.name_or_path={tiny_bert_dir}", "method=full", "method.lr=1e30", "train.warmup_ratio=0",
+        "train.max_steps=20", f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
+    assert record["status"] == "diverged" and record["error"].startswith("loss became NaN or infinite at step")
+    assert 1 < record["diverged_at_step"] < 20 and record["time"]["steps"] == record["diverged_at_step"] - 1
+    assert "metrics" not in record and records.read_record(tmp_path / "runs", record["run_id"])["status"] == "diverged"
+
+
+def test_wandb_logger_works_offline_inside_the_results_folder(tmp_path, tiny_bert_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    record = experiment.run(compose_settings(
+        *FEW, f"model.name_or_path={tiny_bert_dir}", "logger=wandb", "pair_baseline=false",
+        f"results_dir={tmp_path / 'results' / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
+    assert record["status"] == "done"
+    runs = list((tmp_path / "results" / "wandb").glob("wandb/offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
