@@ -69,11 +69,6 @@ def read_record(results_dir: str | Path, rid: str) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def is_done(results_dir: str | Path, rid: str) -> bool:
-    record = read_record(results_dir, rid)
-    return record is not None and record.get("status") == "done"
-
-
 def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
     """Atomically write `record` as <run_id>.json, moving any earlier record for that id to history/."""
     folder = Path(results_dir)
