@@ -79,7 +79,7 @@ def plan(settings: Settings) -> Plan:
         if method.match_budget:
             method = dataclasses.replace(method, r=adapters.budget_rank(skeleton, method), match_budget=None)
         adapters.check_lora(skeleton, method)
-    ident = records.identity(settings, device, source)
+    ident = records.identity(dataclasses.replace(settings, method=method), device, source)  # same experiment, same id
     return Plan(settings, method, family, path, device, source, ident, records.run_id(ident))
 
 

@@ -174,3 +174,5 @@ def test_matched_budget_picks_the_rank_per_preset(targets, expected_r):
     # MiniLM: per layer qv = 2*(384+384) = 1536 per unit of rank, mlp = 2*(384+1536) = 3840, all = 6912
     plan = experiment.plan(composed(f"method.targets={targets}", "method.match_budget=qv", "method.r=8"))
     assert plan.method.r == expected_r
+    same = experiment.plan(composed(f"method.targets={targets}", f"method.r={expected_r}"))
+    assert plan.run_id == same.run_id  # the budget-matched run is that rank's run, not a duplicate
