@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep import settings as settings_module
-from lora_sweep.errors import UserError
+from lora_sweep.errors import UserError, one_line
 
 
 def _parallel_jobs() -> int:
@@ -41,4 +46,18 @@ def app(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     settings_module.register()
-    app()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us whole, to be printed as one line
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException) as exc:  # unknown option, wrong type, unparseable override
+        print(f"error: {_with_options(one_line(exc))}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _with_options(message: str) -> str:
+    """Hydra lists a group's options except for nested groups (task/glue): add them from conf/."""
+    missing = re.search(r"Could not find '([^']+)'", message)
+    group = Path(settings_module.CONF_DIR) / Path(missing.group(1)).parent if missing else None
+    if group is None or "Available options" in message or not group.is_dir():
+        return message
+    return f"{message}; available options: {', '.join(sorted(p.stem for p in group.glob('*.yaml')))}"

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep import settings as settings_module
-from lora_sweep.errors import UserError
+from lora_sweep.errors import UserError, one_line
 
 LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")
 PLAN_FILE = "sweep_plan.json"
@@ -46,8 +46,7 @@ def compose_job(config_name: str, overrides: list[str]) -> settings_module.Setti
     try:
         cfg = compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        reasons = [str(e).splitlines()[0] for e in (exc, exc.__cause__) if e is not None and str(e)]
-        raise UserError(": ".join(reasons)) from None
+        raise UserError(one_line(exc)) from None
     return settings_module.from_config(cfg)
 
 

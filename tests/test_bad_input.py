@@ -85,13 +85,14 @@ def test_malformed_data_file_names_file_and_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model=nope"], "Could not find 'model/nope'"),
-    (["task=glue/nope"], "Could not find 'task/glue/nope'"),
-    (["method=nope"], "Could not find 'method/nope'"),
-    (["method.r=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["model=nope"], "Could not find 'model/nope'; Available options in 'model': bert_base, deberta_v3_base"),
+    (["task=glue/nope"], "Could not find 'task/glue/nope'; available options: cola, mnli, mrpc"),
+    (["method=nope"], "Could not find 'method/nope'; Available options in 'method': full, lora"),
+    (["method.r=abc"], "Error merging override method.r=abc; Value 'abc' of type 'str' could not be converted to Integer"),
 ])
-def test_unknown_choices_are_refused_by_hydra_with_the_options(tmp_path, capsys, monkeypatch, overrides, message):
+def test_unknown_choices_and_wrong_types_fail_with_one_line_naming_the_options(tmp_path, capsys, monkeypatch, overrides, message):
     result = lora_sweep(tmp_path, *overrides, capsys=capsys, monkeypatch=monkeypatch)
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[len('error: '):]}"]
+    assert message in result.stderr and "Config search path" not in result.stderr
     assert not (tmp_path / "runs").exists()

@@ -116,12 +116,13 @@ def test_bad_sweeps_stop_before_any_training(tmp_path, tiny_bert_dir, overrides,
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["+sweep=nope"], "Could not find 'sweep/nope'"),
-    (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'"),
+    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': alpha, glue, instruct"),
+    (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'; Available options in 'hydra/launcher': basic, joblib, local"),
 ])
 def test_unknown_preset_or_launcher_is_refused(tmp_path, tiny_bert_dir, overrides, message):
     result = sweep(tmp_path, tiny_bert_dir, *overrides)
-    assert result.returncode != 0 and message in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
 
 
