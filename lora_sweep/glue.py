@@ -19,10 +19,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, DataCollatorWithPadding
+from transformers import (
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+)
 
 from lora_sweep.errors import UserError
-from lora_sweep.hub import require_hub
+from lora_sweep.hub import load_pretrained, require_hub
 from lora_sweep.metrics import glue_metrics
 from lora_sweep.settings import Settings, TaskSettings
 
@@ -159,7 +164,7 @@ def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Mo
         config = AutoConfig.from_pretrained(path, revision=settings.model.revision, **head)
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(config)
-    return AutoModelForSequenceClassification.from_pretrained(path, revision=settings.model.revision, **head)
+    return load_pretrained(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, path, settings.model.revision, **head)
 
 
 def fingerprint(settings: Settings, source: str) -> dict:

@@ -83,6 +83,31 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@functools.lru_cache(maxsize=2)
+def _checkpoint(weights_file: str, mtime_ns: int) -> dict:
+    """A local checkpoint's tensors, read once per process (a sweep's runs in one process share them)."""
+    from safetensors.torch import load_file
+
+    return load_file(weights_file)
+
+
+def load_pretrained(mapping, path: str, revision: str | None, **config_kwargs):
+    """`from_pretrained` of the model class `mapping` gives for this config, reading a local single-file
+    checkpoint once per process; each run gets its own copy of the tensors (full FT changes them in place).
+    The freshly initialised head is drawn exactly as from_pretrained draws it, so the same seed gives the same run."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision, **config_kwargs)
+    model_class = mapping[type(config)]
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():  # a hub id or a sharded checkpoint: transformers' own loading
+        return model_class.from_pretrained(path, revision=revision, config=config)
+    tensors = _checkpoint(str(weights), weights.stat().st_mtime_ns)
+    model = model_class.from_pretrained(None, config=config, state_dict={k: v.clone() for k, v in tensors.items()})
+    model.name_or_path = model.config.name_or_path = path  # as from_pretrained(path) records it: PEFT reads it
+    return model
+
+
 def resolve_model(name_or_path: str, cache_dir: str | Path) -> str:
     """A folder transformers can load: a model shipped in a PyPI package (folder or GGUF), a local folder, or a hub id."""
     if name_or_path.startswith(PACKAGE_PREFIX):

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from lora_sweep.adapters import FAMILY_OF_MODEL_TYPE
 from lora_sweep.errors import UserError
-from lora_sweep.hub import require_hub
+from lora_sweep.hub import load_pretrained, require_hub
 from lora_sweep.settings import Settings, TaskSettings
 
 TASK_TYPE = "CAUSAL_LM"
@@ -82,7 +82,7 @@ def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Mo
     if meta:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
-    return AutoModelForCausalLM.from_pretrained(path, revision=settings.model.revision, dtype=torch.float32)
+    return load_pretrained(MODEL_FOR_CAUSAL_LM_MAPPING, path, settings.model.revision)
 
 
 def fingerprint(settings: Settings, source: str) -> dict:

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from lora_sweep import experiment, records
 from lora_sweep.settings import compose as compose_settings
@@ -72,3 +73,24 @@ def test_wandb_logger_works_offline_inside_the_results_folder(tmp_path, tiny_ber
     assert record["status"] == "done"
     runs = list((tmp_path / "results" / "wandb").glob("wandb/offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_the_checkpoint_read_once_per_process_gives_from_pretrained_exactly(tmp_path):
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    from lora_sweep import glue
+    from lora_sweep.hub import _checkpoint, resolve_model
+
+    settings = compose_settings()
+    path = resolve_model(settings.model.name_or_path, tmp_path)
+    _checkpoint.cache_clear()
+    models = []
+    for _ in range(2):
+        set_seed(3)
+        models.append(glue.load_model(path, settings))
+    set_seed(3)
+    reference = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    assert _checkpoint.cache_info().misses == 1 and _checkpoint.cache_info().hits == 1
+    for model in models:  # same tensors, the random head included, and none shared with the cache or each other
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert models[0].bert.embeddings.word_embeddings.weight.data_ptr() != models[1].bert.embeddings.word_embeddings.weight.data_ptr()
