@@ -19,12 +19,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from transformers import (
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    DataCollatorWithPadding,
-)
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig, DataCollatorWithPadding
 
 from lora_sweep.errors import UserError
 from lora_sweep.hub import load_pretrained, require_hub
@@ -160,11 +157,8 @@ def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Mo
     spec = task_spec(settings.task.name)
     head = {"num_labels": spec.num_labels,
             "problem_type": "regression" if spec.num_labels == 1 else "single_label_classification"}
-    if meta:
-        config = AutoConfig.from_pretrained(path, revision=settings.model.revision, **head)
-        with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(config)
-    return load_pretrained(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, path, settings.model.revision, **head)
+    config = AutoConfig.from_pretrained(path, revision=settings.model.revision, **head)
+    return load_pretrained(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, path, config, settings.model.revision, meta)
 
 
 def fingerprint(settings: Settings, source: str) -> dict:

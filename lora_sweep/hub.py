@@ -91,19 +91,24 @@ def _checkpoint(weights_file: str, mtime_ns: int) -> dict:
     return load_file(weights_file)
 
 
-def load_pretrained(mapping, path: str, revision: str | None, **config_kwargs):
-    """`from_pretrained` of the model class `mapping` gives for this config, reading a local single-file
-    checkpoint once per process; each run gets its own copy of the tensors (full FT changes them in place).
-    The freshly initialised head is drawn exactly as from_pretrained draws it, so the same seed gives the same run."""
-    from transformers import AutoConfig
+def load_pretrained(mapping, path: str, config, revision: str | None = None, meta: bool = False):
+    """The model class `mapping` gives for `config`, with its pretrained weights, or on the meta device
+    (no weights, to check a run cheaply). A local single-file checkpoint is read once per process and
+    each run gets its own copy of the tensors (full FT changes them in place); the freshly initialised
+    head is drawn exactly as from_pretrained draws it, so the same seed gives the same run. Weights are fp32
+    (on CUDA the training loop autocasts to bf16), whatever dtype the checkpoint was saved in."""
+    import torch
 
-    config = AutoConfig.from_pretrained(path, revision=revision, **config_kwargs)
     model_class = mapping[type(config)]
+    if meta:
+        with torch.device("meta"):
+            return model_class(config)
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():  # a hub id or a sharded checkpoint: transformers' own loading
-        return model_class.from_pretrained(path, revision=revision, config=config)
+        return model_class.from_pretrained(path, revision=revision, config=config, dtype=torch.float32)
     tensors = _checkpoint(str(weights), weights.stat().st_mtime_ns)
-    model = model_class.from_pretrained(None, config=config, state_dict={k: v.clone() for k, v in tensors.items()})
+    model = model_class.from_pretrained(None, config=config, state_dict={k: v.clone() for k, v in tensors.items()},
+                                        dtype=torch.float32)
     model.name_or_path = model.config.name_or_path = path  # as from_pretrained(path) records it: PEFT reads it
     return model
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, DataCollatorForSeq2Seq
 
 from lora_sweep.adapters import FAMILY_OF_MODEL_TYPE
 from lora_sweep.errors import UserError
@@ -79,10 +79,7 @@ def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Mo
     if FAMILY_OF_MODEL_TYPE.get(config.model_type) != "llama":
         raise UserError(f"model {settings.model.name} ({config.model_type}) is not a causal decoder; instruction tasks "
                         f"need one such as model=smollm2_135m")
-    if meta:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    return load_pretrained(MODEL_FOR_CAUSAL_LM_MAPPING, path, settings.model.revision)
+    return load_pretrained(MODEL_FOR_CAUSAL_LM_MAPPING, path, config, settings.model.revision, meta)
 
 
 def fingerprint(settings: Settings, source: str) -> dict:
