@@ -1,7 +1,6 @@
 """Analysis on a fixture folder of records written by the project's own writer."""
 
 import copy
-import json
 import subprocess
 import sys
 
