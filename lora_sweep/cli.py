@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep import settings as settings_module
 from lora_sweep.errors import UserError, one_line
+from lora_sweep.sweep import sweep_token
 
 
 def _parallel_jobs() -> int:
@@ -31,7 +32,8 @@ def app(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         settings = settings_module.from_config(cfg)
-        record = experiment.run(settings, parallel_jobs=_parallel_jobs() if multirun else 1)
+        record = experiment.run(settings, parallel_jobs=_parallel_jobs() if multirun else 1,
+                                sweep=sweep_token(HydraConfig.get().sweep.dir) if multirun else None)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if multirun:

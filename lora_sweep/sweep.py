@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -50,6 +51,12 @@ def compose_job(config_name: str, overrides: list[str]) -> settings_module.Setti
     return settings_module.from_config(cfg)
 
 
+def sweep_token(sweep_dir: str) -> str:
+    """A short name for one sweep (its output folder), stored in its records: a baseline that failed in this
+    sweep is not retried by each of its LoRA jobs."""
+    return hashlib.sha256(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:12]
+
+
 def _fail(exc: UserError) -> None:
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
@@ -79,7 +86,7 @@ class SweepCallback(Callback):
         print(f"[sweep] {len(plans)} runs ({len({p.run_id for p in plans})} distinct) and {len(baselines)} full-FT baseline(s)")
         if config.hydra.launcher._target_.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS:
             for baseline in baselines.values():
-                experiment.run(baseline)
+                experiment.run(baseline, sweep=sweep_token(config.hydra.sweep.dir))
         (sweep_dir / PLAN_FILE).write_text(json.dumps({  # written once the jobs are about to start: their ETA clock
             "jobs": len(plans), "started": time.time(), "results_dir": plans[0].settings.results_dir,
             "run_ids": [p.run_id for p in plans], "baseline_ids": list(baselines)}, indent=1))
