@@ -86,21 +86,21 @@ def plan(settings: Settings) -> Plan:
 
 def baseline_settings(settings: Settings) -> Settings:
     """The full-FT run a LoRA run is compared with: same model, task, seed and training budget."""
-    return dataclasses.replace(settings, method=settings.baseline, pair_baseline=False, rerun=False)
+    return dataclasses.replace(settings, method=settings.baseline, pair_baseline=False)
 
 
 def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) -> dict[str, Any]:
     """Run one experiment (and first its baseline) unless a `done` record exists; return its record.
 
-    `sweep` names the sweep this run belongs to: a baseline that failed in this same sweep is not tried
-    again for each of its LoRA runs (once per sweep is enough); in a later sweep it is."""
+    `sweep` names the sweep this run belongs to: a run already attempted in this sweep (a baseline shared by
+    several LoRA runs) is not attempted again, whatever its status or `rerun`; in a later sweep it may be."""
     p = plan(settings)
     baseline = None
     if settings.method.name == "lora" and settings.pair_baseline:
         baseline = run(baseline_settings(settings), parallel_jobs, sweep)
     with records.run_lock(settings.results_dir, p.run_id):
         existing = records.read_record(settings.results_dir, p.run_id)
-        if existing and not settings.rerun and (existing["status"] == "done" or (sweep and existing.get("sweep") == sweep)):
+        if existing and ((sweep and existing.get("sweep") == sweep) or (existing["status"] == "done" and not settings.rerun)):
             print(f"[lora-sweep] {p.run_id} ({describe(p)}) already {existing['status']}: skipped")
             return existing
         print(f"[lora-sweep] {p.run_id} ({describe(p)}) starting")

@@ -135,18 +135,24 @@ def resolve_model(name_or_path: str, cache_dir: str | Path) -> str:
     return name_or_path
 
 
+@functools.cache
+def _distribution(module_name: str) -> dict[str, str]:
+    """The installed distribution providing a module, and its version (scanning them takes ~0.5 s: once per process)."""
+    from importlib import metadata
+
+    dist = metadata.packages_distributions().get(module_name, [module_name])[0]
+    return {"package": dist, "version": metadata.version(dist)}
+
+
 def model_source(name_or_path: str, path: str, revision: str | None) -> dict:
     """Where the weights came from, for the run's identity: a package and its version, a content hash of a
     local folder's files, or a hub id at its resolved commit."""
-    from importlib import metadata
-
     from lora_sweep.identity import file_digest
 
     for prefix in (PACKAGE_PREFIX, GGUF_PREFIX):
         if name_or_path.startswith(prefix):
             module_name, _, file_name = name_or_path[len(prefix):].partition("/")
-            dist = metadata.packages_distributions().get(module_name, [module_name])[0]
-            return {"package": dist, "version": metadata.version(dist), **({"file": file_name} if file_name else {})}
+            return {**_distribution(module_name), **({"file": file_name} if file_name else {})}
     folder = Path(path)
     if folder.is_dir():
         return {"files": {f.name: file_digest(f) for f in sorted(folder.iterdir()) if f.is_file()}}

@@ -84,6 +84,7 @@ class SweepCallback(Callback):
                 baseline = experiment.baseline_settings(plan.settings)
                 baselines.setdefault(experiment.plan(baseline).run_id, baseline)
         print(f"[sweep] {len(plans)} runs ({len({p.run_id for p in plans})} distinct) and {len(baselines)} full-FT baseline(s)")
+        _say_what_is_reused(plans, list(baselines))
         if config.hydra.launcher._target_.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS:
             for baseline in baselines.values():
                 experiment.run(baseline, sweep=sweep_token(config.hydra.sweep.dir))
@@ -123,6 +124,18 @@ class SweepCallback(Callback):
                 print(f"[sweep] analysis written to {report.write(plan['results_dir'])}")
         except UserError as exc:
             _fail(exc)
+
+
+def _say_what_is_reused(plans: list, baseline_ids: list[str]) -> None:
+    """A sweep whose records exist finishes in seconds: say so, and how to train again, so that is not read as "nothing happened"."""
+    from lora_sweep import records
+
+    results_dir = plans[0].settings.results_dir
+    ids = set(baseline_ids) | {p.run_id for p in plans}
+    done = [rid for rid in ids if (records.read_record(results_dir, rid) or {}).get("status") == "done"]
+    if done and not plans[0].settings.rerun:
+        print(f"[sweep] {len(done)} of these {len(ids)} runs already have a done record in {results_dir}: they are reused, not "
+              f"trained again (to train everything again: add rerun=true, or use another results_dir)")
 
 
 def _clock(seconds: float) -> str:
