@@ -20,7 +20,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 @dataclass(frozen=True)
 class Plan:
-    """Micro-batches (lists of example indices) in training order and the optimizer step to probe for memory."""
+    """Micro-batches (lists of example indices) in training order and the optimizer step to probe for memory
+    (the longest of its micro-batches comes last)."""
 
     batches: list[list[int]]
     probe_step: int  # 1-based optimizer step holding the most computed (padded) tokens, never step 1
@@ -53,6 +54,8 @@ def train_plan(lengths: list[int], batch_size: int, steps: int, grad_accum: int,
         first, second = batches[:grad_accum], batches[grad_accum:2 * grad_accum]
         batches[:2 * grad_accum] = second + first
         longest = 1
+    probed = slice(longest * grad_accum, (longest + 1) * grad_accum)
+    batches[probed] = sorted(batches[probed], key=lambda b: padded_tokens(b, lengths))  # its longest last: the probe wraps it
     return Plan(batches, probe_step=longest + 1)
 
 

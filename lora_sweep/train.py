@@ -111,19 +111,25 @@ def fit(
     window: list[float] = []
     model.train()
     progress = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
+
+    def forward_backward(micro: list[int]) -> float:
+        batch = load_batch(dataset, micro, collate, accelerator.device)
+        loss = model(**batch).loss
+        accelerator.backward(loss / train.grad_accum)
+        result.samples += len(micro)
+        result.real_tokens += int(batch["attention_mask"].sum())
+        result.computed_tokens += batch["input_ids"].numel()
+        return loss.item() / train.grad_accum
+
     start = time.perf_counter()
     for step in range(1, steps + 1):
         probing = train.memory_probe and step == plan.probe_step
+        micros = plan.batches[(step - 1) * train.grad_accum:step * train.grad_accum]
+        step_loss = sum(forward_backward(micro) for micro in micros[:-1])
+        # The probe wraps the step's last micro-batch (the plan puts its longest there) and the update: the
+        # gradients accumulated before it are live and counted. MemTracker follows one forward per module only.
         with memory.probe(model, optimizer, accelerator.device) if probing else nullcontext() as probe:
-            step_loss = 0.0
-            for micro in plan.batches[(step - 1) * train.grad_accum:step * train.grad_accum]:
-                batch = load_batch(dataset, micro, collate, accelerator.device)
-                loss = model(**batch).loss
-                accelerator.backward(loss / train.grad_accum)
-                step_loss += loss.item() / train.grad_accum
-                result.samples += len(micro)
-                result.real_tokens += int(batch["attention_mask"].sum())
-                result.computed_tokens += batch["input_ids"].numel()
+            step_loss += forward_backward(micros[-1])
             if probing:
                 result.grad_bytes_after_backward = sum(p.grad.nbytes for p in params if p.grad is not None)
             if train.max_grad_norm > 0:
