@@ -2,13 +2,18 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
-from lora_sweep import experiment, records
+from lora_sweep import experiment, glue, identity, records
+from lora_sweep.hub import resolve_model
 from lora_sweep.settings import compose as compose_settings
+from tests.conftest import SHARED_DATA
 
-FEW = ["train.max_steps=4", "train.batch_size=8", "train.log_every=2", "task.max_train_examples=64", "task.max_eval_examples=48"]
+FEW = ["train.max_steps=4", "train.batch_size=8", "train.log_every=2", "task.max_train_examples=64", "task.max_eval_examples=48",
+       "task.tune_examples=40", "train.threads=1"]
 
 
 def settings_for(tmp_path, *overrides):
@@ -36,11 +41,41 @@ def test_one_lora_run_writes_a_complete_record_with_its_baseline(tmp_path):
     assert times["steps"] == 4 and times["train_s"] > 0 and times["samples_per_s"] > 0 and times["tokens_per_s"] > times["samples_per_s"]
     assert record["artifact"]["bytes"] >= 4 * record["params"]["trainable"]
     assert record["environment"]["packages"]["peft"] and record["eval_examples"] == 48
+    assert (record["train_examples"], record["tune_examples"]) == (64, 40)
+    assert record["run_id"] == identity.run_id(record["identity"]) and record["config_id"] == identity.config_id(record["identity"])
+    assert record["context_id"] == identity.context_id(record["identity"]) and record["identity"]["seed"] == 0
+
+    # per-example outputs: the metrics are recomputed from them, on the real dev examples in file order
+    dev = glue.read_tsv(glue.TASKS["sst2"], SHARED_DATA / "glue" / "SST-2" / "dev.tsv").select(range(48))
+    examples = record["examples"]["dev"]
+    outputs = np.asarray(examples["outputs"])
+    assert examples["ids"] == list(range(48)) and examples["labels"] == list(dev["label"]) and outputs.shape == (48, 2)
+    assert record["metrics"]["accuracy"] == pytest.approx(np.mean(outputs.argmax(axis=1) == np.asarray(dev["label"])))
+    tune = record["examples"]["tune"]
+    assert len(tune["ids"]) == len(set(tune["ids"])) == 40
+    assert record["tune_value"] == record["tune_metrics"]["accuracy"] == pytest.approx(
+        np.mean(np.argmax(tune["outputs"], axis=1) == np.asarray(tune["labels"])))
+    # token counts: every dev token counted once; training computes padding but far less than it reads
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(record["model_name_or_path"], tmp_path / "cache"))
+    lengths = [len(ids) for ids in tokenizer(list(dev["text_a"]), truncation=True, max_length=64)["input_ids"]]
+    assert record["tokens"]["dev"]["real_tokens"] == sum(lengths)
+    for split in ("train", "tune", "dev"):
+        counts = record["tokens"][split]
+        assert counts["computed_tokens"] >= counts["real_tokens"] > 0
+        assert counts["padding_fraction"] == pytest.approx(1 - counts["real_tokens"] / counts["computed_tokens"])
+    assert times["tokens_per_s"] == pytest.approx(record["tokens"]["train"]["real_tokens"] / times["train_s"])
+    budget = record["budget"]
+    assert budget["tail_steps"] == 1 and budget["still_improving"] is None  # 4 steps: too few to fit a trend
+    assert budget["initial_loss"] > 0 and budget["final_loss"] == pytest.approx(np.mean([loss for _, loss in record["loss_curve"]]))
 
     baseline = records.read_record(tmp_path / "runs", record["baseline_run_id"])
     assert baseline["status"] == "done" and baseline["method"] == "full" and record["baseline_status"] == "done"
     assert baseline["params"]["trainable"] == baseline["params"]["total"]
     assert baseline["memory"]["peak_bytes"] > memory["peak_bytes"]
+    assert baseline["context_id"] == record["context_id"] and baseline["config_id"] != record["config_id"]
+    assert baseline["identity"]["config"]["method"] == record["identity"]["config"]["baseline"]
+    assert baseline["examples"]["dev"]["ids"] == examples["ids"] and baseline["examples"]["tune"]["ids"] == tune["ids"]  # paired
+    assert baseline["tokens"]["train"] == record["tokens"]["train"]  # the same batches in the same order
 
 
 def test_same_seed_twice_gives_identical_results_and_the_second_is_skipped(tmp_path):
@@ -49,20 +84,28 @@ def test_same_seed_twice_gives_identical_results_and_the_second_is_skipped(tmp_p
     again = experiment.run(settings_for(tmp_path, *overrides, "rerun=true"))
     assert again["run_id"] == first["run_id"]
     assert again["metrics"] == first["metrics"] and again["loss_curve"] == first["loss_curve"]
+    assert again["examples"] == first["examples"] and again["tune_metrics"] == first["tune_metrics"]
     assert len(list((tmp_path / "runs" / "history").glob("*.json"))) == 1  # the replaced record is kept
     skipped = experiment.run(settings_for(tmp_path, *overrides))
     assert skipped["started_at"] == again["started_at"]
     other_seed = experiment.run(settings_for(tmp_path, *overrides, "train.seed=1"))
     assert other_seed["run_id"] != first["run_id"] and other_seed["loss_curve"] != first["loss_curve"]
+    assert other_seed["config_id"] == first["config_id"] and other_seed["context_id"] == first["context_id"]
+    assert other_seed["examples"]["dev"]["ids"] == first["examples"]["dev"]["ids"]  # eval and tuning examples do not depend on the seed
+    assert other_seed["examples"]["tune"]["ids"] == first["examples"]["tune"]["ids"]
 
 
-def test_a_diverging_run_is_recorded_as_diverged_with_its_step(tmp_path, tiny_bert_dir):
+@pytest.mark.parametrize("lr,reason", [("1e30", "loss became NaN or infinite at step {step}"),
+                                       ("1e4", "training loss ran away at step {step}: mean of the last ")])
+def test_a_diverging_run_is_recorded_as_diverged_with_its_step(tmp_path, tiny_bert_dir, lr, reason):
     record = experiment.run(compose_settings(
-        *FEW, f"model.name_or_path={tiny_bert_dir}", "method=full", "method.lr=1e30", "train.warmup_ratio=0",
+        *FEW, f"model.name_or_path={tiny_bert_dir}", "method=full", f"method.lr={lr}", "train.warmup_ratio=0",
         "train.max_steps=20", f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
-    assert record["status"] == "diverged" and record["error"].startswith("loss became NaN or infinite at step")
+    assert record["status"] == "diverged" and record["error"].startswith(reason.format(step=record["diverged_at_step"]))
     assert 1 < record["diverged_at_step"] < 20 and record["time"]["steps"] == record["diverged_at_step"] - 1
-    assert "metrics" not in record and records.read_record(tmp_path / "runs", record["run_id"])["status"] == "diverged"
+    assert "metrics" not in record and "examples" not in record and "tune_value" not in record
+    assert records.read_record(tmp_path / "runs", record["run_id"])["status"] == "diverged"
+    assert record["budget"]["initial_loss"] > 0 and record["config_id"] == identity.config_id(record["identity"])
 
 
 def test_wandb_logger_works_offline_inside_the_results_folder(tmp_path, tiny_bert_dir, monkeypatch):

@@ -1,0 +1,185 @@
+"""Set-up shared by the benchmarks, and the statistics of interleaved repeats.
+
+Everything a benchmark trains goes through the harness's own code, as `experiment._train_and_measure` does:
+`settings.compose` -> `experiment.plan` -> `data.prepare` (the token cache) -> the family's `collator` ->
+`batching.train_plan` -> the family's `load_model` + `adapters.apply_method` -> `train.fit`; only the memory
+probe is off (it measures memory, not speed), unless a benchmark asks for it.
+
+Timings are only comparable within one process: variants are interleaved (the order rotates every repeat, so
+a slow drift of the machine hits each variant equally) and every ratio is taken within a repeat, then
+summarised over repeats by its median, a distribution-free interval for that median (order statistics) and the
+min-max range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from transformers import AutoTokenizer, set_seed
+
+from lora_sweep import adapters, batching, data, experiment
+from lora_sweep.settings import MethodSettings, Settings, TrainSettings, compose
+from lora_sweep.train import TrainResult, fit, make_accelerator
+
+WARMUP_STEPS = 3  # steps of the untimed run each variant makes before anything is timed
+
+
+@dataclasses.dataclass
+class Bench:
+    """One composed experiment and its tokenized training data, shared by every variant of a benchmark."""
+
+    settings: Settings
+    plan: experiment.Plan
+    tokenizer: Any
+    train_set: Any  # datasets.Dataset of input_ids, attention_mask, token_type_ids, label (no id), as fit sees it
+    lengths: list[int]  # tokens per training example
+    collate: Callable
+    threads: int
+
+    @property
+    def train(self) -> TrainSettings:
+        return self.settings.train
+
+    @property
+    def device(self) -> str:
+        return self.plan.device
+
+    def method(self, name: str) -> MethodSettings:
+        """The run's LoRA method (`lora`, as composed) or its paired full-FT baseline (`full`)."""
+        return self.plan.method if name == "lora" else self.settings.baseline
+
+    def label(self, name: str) -> str:
+        m = self.method(name)
+        return "full FT" if m.name == "full" else f"LoRA r={m.r} {m.targets}"
+
+    def schedule(self, group_by_length: bool, steps: int | None = None) -> batching.Plan:
+        """The batches a real run of `steps` optimizer steps would train on (the same seed gives the same plan)."""
+        t = self.train
+        return batching.train_plan(self.lengths, t.batch_size, steps or t.max_steps, t.grad_accum, t.seed, group_by_length)
+
+
+def setup(steps: int, threads: int, overrides: list[str] = ()) -> Bench:
+    """Compose the default experiment (LoRA r=8 qv on SST-2, embedded MiniLM) with `steps` steps and the
+    memory probe off, set torch's threads (0 = all cores), and load the tokens (cached after the first call)."""
+    settings = compose(f"train.max_steps={steps}", "train.memory_probe=false", "train.save_adapter=false",
+                       "pair_baseline=false", *overrides)
+    p = experiment.plan(settings)
+    n_threads = experiment.resolve_threads(threads)
+    torch.set_num_threads(n_threads)
+    s = settings
+    tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
+    tokens, _ = data.prepare(p.family, s, p.source, tokenizer, f"{s.model.name_or_path}@{s.model.revision}")
+    train_set = tokens["train"].remove_columns("id")
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    return Bench(s, p, tokenizer, train_set, lengths, p.family.collator(tokenizer), n_threads)
+
+
+def build_model(bench: Bench, method: MethodSettings) -> torch.nn.Module:
+    """The model a run trains, built as `experiment._train_and_measure` builds it (seeded head and adapter)."""
+    set_seed(bench.train.seed)
+    model = bench.plan.family.load_model(bench.plan.model_path, bench.settings)
+    model, _ = adapters.apply_method(model, method, bench.plan.family.TASK_TYPE)
+    return model
+
+
+def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, memory_probe: bool = False) -> TrainResult:
+    """One training run through the harness's `fit` on a fresh model; `result.seconds` times the steps only."""
+    model = build_model(bench, method)
+    train = dataclasses.replace(bench.train, memory_probe=memory_probe)
+    gc.collect()
+    return fit(make_accelerator(bench.device), model, bench.train_set, bench.collate, schedule, method, train)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- interleaved repeats and their statistics ------------------------------------------------------------------
+
+def interleaved(variants: dict[str, Callable[[], dict[str, float]]], repeats: int,
+                show: Callable[[dict[str, float]], str]) -> dict[str, list[dict[str, float]]]:
+    """Run every variant once per repeat, the order rotated each repeat (A B C, B C A, C A B, ...); print one line per run."""
+    names = list(variants)
+    out: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for k in range(repeats):
+        order = names[k % len(names):] + names[:k % len(names)]
+        for name in order:
+            out[name].append(variants[name]())
+            print(f"  repeat {k + 1}/{repeats}  {name:<28s} {show(out[name][-1])}", flush=True)
+    return out
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Distribution-free interval for the median of repeats: order statistics x_(k) and x_(n+1-k), with the largest k
+    whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least `level` (k = 1, the min-max range, below 6 repeats:
+    its coverage 1 - 2^(1-n) is then less: 75 % for 3 repeats, 94 % for 5). Returns (low, high, coverage).
+
+    Exact for any distribution of the timings (unlike a bootstrap, which is unreliable with a handful of repeats);
+    from 9 repeats on it leaves out the most extreme repeat on each side, so one disturbed repeat does not widen it."""
+    x = sorted(values)
+    n = len(x)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = 1
+    while k + 1 <= n // 2 and coverage(k + 1) >= level:
+        k += 1
+    return x[k - 1], x[n - k], coverage(k)
+
+
+def spread(values: list[float], fmt: str = ".3f") -> str:
+    """'median  [C % interval a-b (+-h %); min-max a-b; n repeats]' for a figure measured once per repeat."""
+    n = len(values)
+    median = statistics.median(values)
+    text = f"{median:{fmt}}"
+    if n < 2:
+        return f"{text}  [1 repeat: no spread]"
+    lo, hi, cover = median_interval(values)
+    half = 100 * (hi - lo) / 2 / median if median else float("nan")
+    return (f"{text}  [{100 * cover:.0f} % interval for the median {lo:{fmt}}-{hi:{fmt}} (+-{half:.1f} %); "
+            f"min-max {min(values):{fmt}}-{max(values):{fmt}}; {n} repeats]")
+
+
+def ratios(num: list[dict[str, float]], den: list[dict[str, float]], key: str) -> list[float]:
+    """Per-repeat ratios num[key] / den[key] (runs of the same repeat paired)."""
+    return [a[key] / b[key] for a, b in zip(num, den)]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def header(title: str, bench: Bench, args) -> None:
+    """What was measured and where: the figures below only compare with figures from this same run."""
+    device = torch.cuda.get_device_name() if bench.device == "cuda" else f"CPU ({cpu_name()})"
+    t = bench.train
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    print(f"{title}\n  {bench.settings.model.name} on {bench.settings.task.name}, batch {t.batch_size} x grad_accum {t.grad_accum}, "
+          f"max {t.max_seq_len} tokens, seed {t.seed}, {args.steps} steps per run, {args.repeats} repeats (order rotated), "
+          f"{WARMUP_STEPS}-step warm-up per variant\n  device: {device}, torch {torch.__version__}, {bench.threads} torch threads "
+          f"of {os.cpu_count()} cores, load average {load}", flush=True)
+
+
+def common_arguments(parser, steps: int, repeats: int) -> None:
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per timed run (default {steps})")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"interleaved repeats of every variant (default {repeats})")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: all cores)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the composed experiment, e.g. method.r=16 train.batch_size=16")
+
+
+def elapsed(start: float) -> str:
+    return f"{time.perf_counter() - start:.0f} s"

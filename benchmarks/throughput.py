@@ -1,0 +1,281 @@
+"""Training throughput of the harness against this machine's dense matmul throughput, and what length-grouped
+batches buy over random ones; one process, every figure a ratio of runs measured side by side.
+
+What is measured, per repeat (the variants interleaved, their order rotated every repeat):
+  (a) matmul      GFLOP/s of a dense 2048 x 2048 x 2048 `torch.matmul` in the training's compute dtype (fp32 on CPU;
+                  bf16 on CUDA, where the harness autocasts to bf16), on the same torch threads as training: the
+                  median of 5 timed calls after warm-up. Beside it, for reference, a matmul of the model's own FFN
+                  shape ([computed tokens of a median batch] x hidden @ hidden x intermediate).
+  (b) full FT and LoRA (the composed run: r=8 on query/value by default), length-grouped batches: `train.fit` on the
+                  real SST-2 batches of `batching.train_plan`, exactly the code path of a real run (memory probe off).
+                  Printed: s/step, real tokens/s, computed (padded) tokens/s, and the achieved GFLOP/s counted on real
+                  tokens (useful work) and on computed tokens (what the machine did), each also as a fraction of (a).
+  (c) LoRA on random batches (group_by_length=false): the same steps, seed and model as the LoRA run of (b); the
+                  ratio grouped / random of real tokens/s (and of s/step), and the padding fraction of each plan.
+
+The FLOP count (printed before the runs, with its check). Only matrix products are counted. Per token, forward: 2 x
+the weights of every linear layer the token passes through (encoder: q, k, v, attention output, FFN in and out;
+with LoRA also the adapter's A and B), plus attention 2 x 2 x seq x hidden per layer (QK^T and AV). Per example: 2
+x the task head's weights (BERT's pooler and classifier act on the [CLS] token only). Not counted: embeddings
+(table lookups: no multiplications), biases, softmax, LayerNorm, GELU, dropout, the loss, the optimizer. Backward,
+per linear layer: 1x forward for the input gradient when its input needs one, plus 1x for the weight gradient when
+its weight is trained; which applies is read from the model itself (a forward hook on every nn.Linear records
+whether its input and weight require grad): full FT = 3x forward everywhere; LoRA = 2x on the frozen layers (input
+gradients only), except the first layer's frozen q, k, v, whose input (the frozen embeddings) needs no gradient: no
+backward (1x, the forward alone; 1.96x on average over the encoder); adapter and head 3x. Attention backward = 2x
+its forward (both operands get gradients). The useful count puts each example at its own length (attention over its
+real tokens); the computed count puts every example at the batch's padded length (which is what the kernels
+compute). The count is checked on one padded batch against torch.utils.flop_counter, which sees the same matrix
+products (on CPU it cannot see the fused SDPA attention kernel: counted analytically).
+
+How to read the output: the FLOP model and its check; one line per run as it finishes; then (a), the table of (b)
+(medians over repeats), and the ratio lines, each the median of the per-repeat ratios with a distribution-free
+interval for that median (order statistics: the min-max range below 6 repeats, which holds the median with
+probability 1 - 2^(1-n), 94 % for the default 5; >= 95 % from 6 repeats on) and its half-width in %. The default 50
+steps are one mega-batch of the length-grouped sampler (50 batches sorted by length), so the grouped plan holds the
+batch lengths of a whole run (a shorter plan holds only the longest batches of its first mega-batch). Absolute
+timings vary 10-30 % between machines of the same kind, and with other load on this one: compare ratios measured
+in one run. Small models on CPU reach a small fraction of the large-matmul peak (small matrices, and the unfused
+element-wise work the count leaves out, and AdamW over 22.7M weights for full FT); the FFN-shaped matmul shows
+what the model's shapes allow. On a busy machine torch's threads slow down many-fold: measure on a quiet one.
+
+    python benchmarks/throughput.py                        # defaults: 50 steps x 5 repeats, all cores (about 5 min on 2 quiet cores)
+    python benchmarks/throughput.py --steps 5 --repeats 2  # a quick check that it works
+    python benchmarks/throughput.py method.r=64 method.targets=all_linear   # any Hydra override of the LoRA run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+from lora_sweep import batching
+
+MATMUL_N = 2048
+MATMUL_CALLS = 5  # timed calls per repeat (after warm-up); the repeat's figure is their median
+LINEAR_OPS = ("mm", "addmm")  # what nn.Linear runs as, forward and backward; any other counted op is attention
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopModel:
+    """Training (forward + backward) FLOPs of one model: per token, per example, and attention per token per key."""
+
+    token_train: float  # linear layers applied to every token (encoder, adapter)
+    example_train: float  # linear layers applied once per example (pooler, classifier on [CLS])
+    attention_fwd: float  # per token and per attended position: 2 x 2 x hidden x layers
+    attention_train: float
+    groups: dict[str, tuple[int, float, float]]  # kind of linear -> (weights per token or example, fwd, train FLOPs)
+
+    def batch(self, lengths: list[int], padded: bool) -> float:
+        """Training FLOPs of one batch: at each example's own length, or every example at the batch's longest."""
+        if padded:
+            lengths = [max(lengths)] * len(lengths)
+        return sum(n * (self.token_train + self.attention_train * n) + self.example_train for n in lengths)
+
+    def plan(self, plan: batching.Plan, all_lengths: list[int]) -> tuple[float, float]:
+        """(useful, computed) training FLOPs of a whole plan."""
+        per_batch = [[all_lengths[i] for i in b] for b in plan.batches]
+        return sum(self.batch(b, False) for b in per_batch), sum(self.batch(b, True) for b in per_batch)
+
+
+def _kind(name: str) -> str:
+    if "lora_" in name:
+        return "LoRA adapter"
+    if "pooler" in name or "classifier" in name:
+        return "task head"
+    return "encoder linears"
+
+
+def flop_model(model: nn.Module, batch: dict) -> FlopModel:
+    """Read the FLOP model off one forward pass: every nn.Linear that runs, how many rows it sees (every token, or
+    one per example), and whether its input and weight need gradients (which decides its backward's cost)."""
+    seen: list[tuple[str, int, bool, int]] = []  # (name, weights, per token (else per example), training / forward)
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Linear, inputs, _output) -> None:
+        x = inputs[0]
+        rows = x.numel() // x.shape[-1]
+        per_token = rows == batch["input_ids"].numel()
+        if not per_token and rows != batch["input_ids"].shape[0]:
+            raise RuntimeError(f"{names[module]}: {rows} rows are neither every token nor one per example")
+        train = 1 + int(x.requires_grad) + int(module.weight.requires_grad)  # forward, input grad, weight grad
+        seen.append((names[module], module.in_features * module.out_features, per_token, train))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.enable_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[str, list[float]] = {}
+    for name, weights, per_token, mult in seen:
+        g = groups.setdefault(_kind(name), [0, 0.0, 0.0])
+        g[0] += weights
+        g[1] += 2 * weights
+        g[2] += 2 * weights * mult
+    config = model.config
+    attention = 2 * 2 * config.hidden_size * config.num_hidden_layers
+    return FlopModel(
+        token_train=sum(2 * w * k for _, w, t, k in seen if t), example_train=sum(2 * w * k for _, w, t, k in seen if not t),
+        attention_fwd=attention, attention_train=3 * attention,
+        groups={k: (int(v[0]), v[1], v[2]) for k, v in groups.items()})
+
+
+def counted_flops(model: nn.Module, batch: dict, device: str) -> tuple[float, float]:
+    """torch.utils.flop_counter's count of one forward + backward: (linear products, everything else it saw)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+    ops = counter.get_flop_counts()["Global"]
+    linear = sum(v for op, v in ops.items() if str(op).split(".")[-1] in LINEAR_OPS)
+    return float(linear), float(sum(ops.values()) - linear)
+
+
+def matmul_gflops(m: int, k: int, n: int, device: str, dtype: torch.dtype, calls: int = MATMUL_CALLS) -> float:
+    """Median GFLOP/s of `calls` timed [m x k] @ [k x n] products (each timing long enough to measure: >= 50 ms)."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+
+    def timed(reps: int) -> float:
+        common.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+        common.synchronize(device)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    reps = max(1, math.ceil(0.05 / max(timed(1), 1e-6)))
+    return statistics.median(2 * m * k * n * reps / timed(reps) / 1e9 for _ in range(calls))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.common_arguments(parser, steps=50, repeats=5)
+    args = parser.parse_args()
+    bench = common.setup(args.steps, args.threads, args.overrides)
+    lora, full = bench.method("lora"), bench.method("full")
+    if lora.name != "lora":
+        parser.error("throughput.py compares full FT with a LoRA run: leave method=lora")
+    common.header("training throughput against dense matmul throughput", bench, args)
+    dtype = torch.bfloat16 if bench.device == "cuda" else torch.float32
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    grouped, random = bench.schedule(group_by_length=True), bench.schedule(group_by_length=False)
+    plans = {"grouped": grouped, "random": random}
+    tokens = {k: batching.token_counts(p.batches, bench.lengths) for k, p in plans.items()}
+
+    # The FLOP model of each method, read off its model, and checked on one padded batch against torch's counter.
+    example = batching.load_batch(bench.train_set, grouped.batches[0], bench.collate, bench.device)
+    flops: dict[str, FlopModel] = {}
+    config = None
+    print("\nFLOP model (matrix products only; training = forward + backward; per token unless said):")
+    for name, method in (("full", full), ("lora", lora)):
+        model = common.build_model(bench, method).to(bench.device)
+        fm = flops[name] = flop_model(model, example)
+        config = model.config
+        b, p = example["input_ids"].shape
+        linear, other = counted_flops(model, example, bench.device)
+        ours_linear = b * p * fm.token_train + b * fm.example_train
+        ours_attention = b * p * fm.attention_train * p
+        print(f"  {bench.label(name)}:")
+        for kind, (weights, fwd, train) in fm.groups.items():
+            unit = "example" if kind == "task head" else "token"
+            print(f"    {kind:<16s} {weights / 1e6:8.3f} M weights  forward {fwd / 1e6:7.2f} MFLOP/{unit}  "
+                  f"training {train / 1e6:7.2f} MFLOP/{unit} ({train / fwd:.2f}x forward)")
+        print(f"    attention        forward {fm.attention_fwd:.0f} x seq FLOP/token, training 3x: {fm.attention_train:.0f} x seq "
+              f"(seq = the example's own length for the useful count, the batch's padded length for the computed count)")
+        check = f"attention analytic {ours_attention / 1e9:.3f} vs counted {other / 1e9:.3f} GFLOP" if other else \
+            f"attention {ours_attention / 1e9:.3f} GFLOP analytic only (the counter does not see this device's fused attention kernel)"
+        print(f"    check on one padded batch ({b} x {p} tokens, forward + backward): linear layers analytic {ours_linear / 1e9:.3f} "
+              f"vs torch.utils.flop_counter {linear / 1e9:.3f} GFLOP ({100 * (ours_linear / linear - 1):+.2f} %); {check}")
+        del model
+    for name in ("full", "lora"):
+        useful, computed = flops[name].plan(grouped, bench.lengths)
+        print(f"  {bench.label(name)}, grouped plan: {useful / tokens['grouped']['real_tokens'] / 1e6:.1f} MFLOP per real token "
+              f"(useful), {computed / tokens['grouped']['real_tokens'] / 1e6:.1f} computed per real token")
+
+    ffn_rows = int(statistics.median(batching.padded_tokens(b, bench.lengths) for b in grouped.batches))
+    hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+
+    def matmul() -> dict[str, float]:
+        return {"gflops": matmul_gflops(MATMUL_N, MATMUL_N, MATMUL_N, bench.device, dtype),
+                "gflops_ffn": matmul_gflops(ffn_rows, hidden, inter, bench.device, dtype)}
+
+    def training(name: str, plan_name: str):
+        def run(plan: batching.Plan | None = None) -> dict[str, float]:
+            plan = plan or plans[plan_name]
+            result = common.run_harness(bench, bench.method(name), plan)
+            expected = batching.token_counts(plan.batches, bench.lengths)
+            if result.steps * bench.train.grad_accum != len(plan.batches) or result.real_tokens != expected["real_tokens"]:
+                raise RuntimeError(f"{name}: the harness ran {result.steps} steps / {result.real_tokens} real tokens, not the plan's "
+                                   f"({result.divergence or 'tokens differ'})")
+            useful, computed = flops[name].plan(plan, bench.lengths)
+            s = result.seconds
+            return {"s_per_step": s / result.steps, "tok_per_s": result.real_tokens / s, "computed_tok_per_s": result.computed_tokens / s,
+                    "gflops_useful": useful / s / 1e9, "gflops_computed": computed / s / 1e9}
+        return run
+
+    V_FULL, V_LORA, V_RANDOM = (f"{bench.label('full')}, grouped", f"{bench.label('lora')}, grouped", f"{bench.label('lora')}, random")
+    variants = {"matmul": matmul, V_FULL: training("full", "grouped"), V_LORA: training("lora", "grouped"),
+                V_RANDOM: training("lora", "random")}
+
+    start = time.perf_counter()
+    matmul()
+    warm = {g: bench.schedule(group_by_length=g == "grouped", steps=common.WARMUP_STEPS) for g in plans}
+    for variant, plan_name in ((V_FULL, "grouped"), (V_LORA, "grouped"), (V_RANDOM, "random")):
+        variants[variant](warm[plan_name])
+    print(f"\nwarm-up done ({common.elapsed(start)}); timed runs:", flush=True)
+
+    def show(r: dict[str, float]) -> str:
+        if "gflops_ffn" in r:
+            return f"{r['gflops']:7.1f} GFLOP/s ({MATMUL_N}^3), {r['gflops_ffn']:7.1f} GFLOP/s (FFN shape)"
+        return f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s  {r['gflops_useful']:6.1f} useful GFLOP/s"
+
+    runs = common.interleaved(variants, args.repeats, show)
+    med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
+
+    print(f"\nresults ({args.steps} steps of {bench.train.batch_size} per run, medians over {args.repeats} repeats; "
+          f"wall time {common.elapsed(start)}):")
+    mm = [r["gflops"] for r in runs["matmul"]]
+    print(f"(a) dense {dtype_name} matmul {MATMUL_N}x{MATMUL_N}x{MATMUL_N}, {bench.threads} threads, GFLOP/s: {common.spread(mm, '.1f')}")
+    print(f"    FFN-shaped matmul [{ffn_rows} x {hidden}] @ [{hidden} x {inter}] (the median grouped batch's computed tokens), "
+          f"GFLOP/s: {common.spread([r['gflops_ffn'] for r in runs['matmul']], '.1f')}")
+    print(f"(b) training, {bench.settings.task.name} on {bench.settings.model.name}; GFLOP/s and '/(a)' per repeat against that repeat's matmul")
+    print(f"    {'variant':<30s} {'s/step':>8s} {'real tok/s':>10s} {'comp tok/s':>10s} {'padding':>8s} "
+          f"{'useful GF/s':>11s} {'comp GF/s':>10s} {'useful/(a)':>10s} {'comp/(a)':>9s}")
+    rows = ((V_FULL, "full", "grouped"), (V_LORA, "lora", "grouped"), (V_RANDOM, "lora", "random"))
+    for variant, name, plan_name in rows:
+        useful_frac = [r["gflops_useful"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
+        comp_frac = [r["gflops_computed"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
+        print(f"    {variant:<30s} {med(variant, 's_per_step'):8.4f} {med(variant, 'tok_per_s'):10.0f} {med(variant, 'computed_tok_per_s'):10.0f} "
+              f"{100 * tokens[plan_name]['padding_fraction']:7.1f}% {med(variant, 'gflops_useful'):11.2f} {med(variant, 'gflops_computed'):10.2f} "
+              f"{100 * statistics.median(useful_frac):9.1f}% {100 * statistics.median(comp_frac):8.1f}%")
+    for variant, name, _ in rows[:2]:
+        frac = [r["gflops_useful"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
+        print(f"    {bench.label(name)} useful GFLOP/s / (a): {common.spread(frac)}")
+    comp_full, comp_lora = flops["full"].plan(grouped, bench.lengths)[1], flops["lora"].plan(grouped, bench.lengths)[1]
+    print(f"    LoRA / full FT s/step: {common.spread(common.ratios(runs[V_LORA], runs[V_FULL], 's_per_step'))}  "
+          f"(their matmul FLOPs alone would give {comp_lora / comp_full:.3f})")
+    print(f"(c) length-grouped vs random batches, {bench.label('lora')}, same {args.steps} steps and seed: padding "
+          f"{100 * tokens['grouped']['padding_fraction']:.1f} % grouped, {100 * tokens['random']['padding_fraction']:.1f} % random "
+          f"({tokens['grouped']['real_tokens']} vs {tokens['random']['real_tokens']} real tokens per run)")
+    print(f"    grouped / random real tokens/s: {common.spread(common.ratios(runs[V_LORA], runs[V_RANDOM], 'tok_per_s'))}")
+    print(f"    random / grouped s/step:        {common.spread(common.ratios(runs[V_RANDOM], runs[V_LORA], 's_per_step'))}")
+
+
+if __name__ == "__main__":
+    main()
