@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep import settings as settings_module
-from lora_sweep.errors import UserError, one_line
+from lora_sweep.errors import UserError, file_errors, one_line
 
 
 def _parallel_jobs() -> int:
@@ -30,8 +30,9 @@ def app(cfg: DictConfig) -> float | None:
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        settings = settings_module.from_config(cfg)
-        record = experiment.run(settings, parallel_jobs=_parallel_jobs() if multirun else 1)
+        with file_errors():
+            settings = settings_module.from_config(cfg)
+            record = experiment.run(settings, parallel_jobs=_parallel_jobs() if multirun else 1)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if multirun:
@@ -48,7 +49,11 @@ def main() -> None:
     settings_module.register()
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us whole, to be printed as one line
     try:
-        app()
+        with file_errors():  # Hydra's own folders too
+            app()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except (HydraException, OmegaConfBaseException) as exc:  # unknown option, wrong type, unparseable override
         print(f"error: {_with_options(one_line(exc))}", file=sys.stderr)
         sys.exit(2)

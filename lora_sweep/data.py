@@ -16,6 +16,7 @@ from pathlib import Path
 
 import datasets
 
+from lora_sweep.files import follow_umask
 from lora_sweep.settings import Settings
 
 
@@ -36,6 +37,7 @@ def prepare(family, settings: Settings, source: str, tokenizer, tokenizer_id: st
     tokenized = family.build(settings, source, tokenizer)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-")
+    follow_umask(tmp)
     tokenized.save_to_disk(tmp)
     try:
         os.replace(tmp, folder)

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
 from lora_sweep import adapters, data, glue, instruct, records
-from lora_sweep.errors import UserError
+from lora_sweep.errors import UserError, file_errors
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import MethodSettings, Settings
 from lora_sweep.tracking import Tracker
@@ -144,13 +144,14 @@ def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict
 
 
 def execute(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict[str, Any]:
-    """Train and evaluate; always returns a record. Bad input is recorded as failed, then re-raised."""
+    """Train and evaluate; always returns a record. Bad input (a full disk included) is recorded as failed, then re-raised."""
     record = _base_record(p, baseline, threads)
     tracker = None
     try:
-        torch.set_num_threads(threads)
-        tracker = Tracker(p.settings, p.run_id, record["config"])
-        record.update(_train_and_measure(p, tracker))
+        with file_errors():
+            torch.set_num_threads(threads)
+            tracker = Tracker(p.settings, p.run_id, record["config"])
+            record.update(_train_and_measure(p, tracker))
     except UserError as exc:
         record.update(status="failed", error=str(exc))
         records.write_record(p.settings.results_dir, _finished(record))

@@ -108,7 +108,12 @@ def read_local(name: str, path: Path) -> list[dict[str, str]]:
     """Examples of a local file: Alpaca's JSON list, or the Self-Instruct seed tasks (each instance one example)."""
     if not path.is_file():
         raise UserError(f"instruction file {path} not found; set task.data_dir or INSTRUCT_DIR, or use task.source=hub")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line_no}: not UTF-8 text ({exc.reason}); an instruction file is JSON text") from None
     try:
         if name == "self_instruct":
             rows = []
