@@ -3,7 +3,8 @@
 Writes are atomic (temporary file, fsync, rename) so a reader never sees a torn record and a run
 killed mid-way leaves no `done` record. A per-run file lock (flock, which the OS releases when a
 process dies, even by SIGKILL) keeps parallel jobs and separate sweeps from running one experiment
-twice. A record that is replaced (rerun=true, or a failed run retried) is kept under `history/`.
+twice. A record that is replaced (rerun=true, or a failed run retried) is kept under `history/`;
+a file that is not a record (damaged on disk, or edited) is moved to `corrupt/` and its run runs again.
 """
 
 from __future__ import annotations
@@ -15,16 +16,21 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from lora_sweep.files import follow_umask
 from lora_sweep.settings import MethodSettings, Settings
 
 SCHEMA_VERSION = 1
+STATUSES = ("done", "failed", "diverged")
+REQUIRED = ("run_id", "status", "task", "model", "method")  # the fields every reader of a record relies on
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "lora-sweep")
 _LORA_ONLY = ("r", "alpha", "alpha_policy", "alpha_ratio", "use_rslora", "dropout", "targets", "use_dora", "init", "match_budget")
 # Settings that change how a run is executed or reported but not its result.
@@ -62,11 +68,62 @@ def record_path(results_dir: str | Path, rid: str) -> Path:
     return Path(results_dir) / f"{rid}.json"
 
 
-def read_record(results_dir: str | Path, rid: str) -> dict[str, Any] | None:
-    path = record_path(results_dir, rid)
-    if not path.is_file():
+class DamagedRecord(Exception):
+    """A file where a run's record should be that is not one; it has been moved to corrupt/."""
+
+
+def _damage(record: Any, rid: str) -> str | None:
+    """Why `record` is not the record of run `rid`, or None if it is."""
+    if not isinstance(record, dict):
+        return f"holds {json.dumps(record)[:40]} instead of a record"
+    missing = [key for key in REQUIRED if not isinstance(record.get(key), str)]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if record["run_id"] != rid:
+        return f"holds run {record['run_id']}, not {rid}"
+    return None if record["status"] in STATUSES else f"has the unknown status {record['status']!r}"
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    """The record in `path`, or None if there is none. A damaged file (torn, not JSON, not this run's record) is
+    moved to corrupt/ beside it, so its run counts as not done, and DamagedRecord says which file and why."""
+    try:
+        with open(path, "rb") as handle:
+            raw, inode = handle.read(), os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
         return None
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(raw)
+    except ValueError as exc:  # not UTF-8, or not (complete) JSON
+        damage = f"is not JSON ({exc})"
+    else:
+        damage = _damage(record, path.stem)
+        if damage is None:
+            return record
+    try:
+        if os.stat(path).st_ino != inode:  # a writer replaced it since: read the new one
+            return load(path)
+        moved = _move_aside(path, "corrupt")
+    except FileNotFoundError:  # another reader moved it first
+        return None
+    raise DamagedRecord(f"{path.name} {damage}; moved to corrupt/{moved.name}")
+
+
+def read_record(results_dir: str | Path, rid: str) -> dict[str, Any] | None:
+    """The record of run `rid`, or None if it has none; a damaged one is moved aside with a warning, and the run runs again."""
+    try:
+        return load(record_path(results_dir, rid))
+    except DamagedRecord as exc:
+        print(f"warning: in {results_dir}, {exc}; its run counts as not done", file=sys.stderr)
+        return None
+
+
+def _move_aside(path: Path, folder: str) -> Path:
+    """Move a record into `folder` beside it, under a name no other move can take."""
+    target = path.parent / folder / f"{path.stem}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:8]}.json"
+    target.parent.mkdir(exist_ok=True)
+    os.replace(path, target)
+    return target
 
 
 def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
@@ -75,15 +132,18 @@ def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = record_path(folder, record["run_id"])
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{record['run_id']}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle, indent=2, sort_keys=False, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if path.exists():
-        history = folder / "history"
-        history.mkdir(exist_ok=True)
-        os.replace(path, history / f"{record['run_id']}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}.json")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle, indent=2, sort_keys=False, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        follow_umask(tmp)
+        if path.exists():
+            _move_aside(path, "history")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: leave no temporary file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
