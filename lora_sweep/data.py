@@ -20,6 +20,11 @@ from lora_sweep.files import follow_umask
 from lora_sweep.settings import Settings
 
 
+def tokenizer_id(settings: Settings) -> str:
+    """The tokenizer as the cache key names it: the model it comes with."""
+    return f"{settings.model.name_or_path}@{settings.model.revision}"
+
+
 def cache_key(family, settings: Settings, source: str, tokenizer_id: str) -> str:
     task = dataclasses.asdict(settings.task)
     task.pop("data_dir")

@@ -179,7 +179,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     counts = adapters.count_parameters(model, base_total, p.method.name)
 
     start = time.perf_counter()
-    tokens, cached = data.prepare(p.family, s, p.source, tokenizer, f"{s.model.name_or_path}@{s.model.revision}")
+    tokens, cached = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
     prep_seconds = time.perf_counter() - start
 
     collator = p.family.collator(tokenizer)

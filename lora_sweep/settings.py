@@ -160,6 +160,7 @@ class Settings:
     cache_dir: str = ".cache/lora_sweep"
     pair_baseline: bool = True  # ensure the paired full-FT run before each LoRA run
     rerun: bool = False  # run again even if a `done` record exists
+    analyze: bool = False  # sweeps: write the analysis report beside results_dir when the sweep ends
 
     def validate(self) -> None:
         for part in (self.task, self.method, self.baseline, self.train, self.logger):
