@@ -21,6 +21,8 @@ from lora_sweep import settings as settings_module
 from lora_sweep import sweep
 from lora_sweep.errors import UserError, file_errors, one_line
 
+settings_module.register()  # on import, not in main(): launchers run `app` in processes of their own, which import this module
+
 
 def _parallel_jobs() -> int:
     """How many jobs the launcher runs at once here (joblib's n_jobs), to share the cores out."""
@@ -52,7 +54,6 @@ def app(cfg: DictConfig) -> float | None:
 def main() -> None:
     """One run (Hydra's run), or a sweep: checked whole by sweep.start before Hydra's multirun launches any job,
     and its exit status set by sweep.finish once every job has ended."""
-    settings_module.register()
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us whole, to be printed as one line
     try:
         with file_errors():

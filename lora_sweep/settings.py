@@ -8,6 +8,9 @@ OmegaConf builds these dataclasses with missing values while composing).
 
 from __future__ import annotations
 
+import functools
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,9 +171,18 @@ class Settings:
         _check(self.baseline.name == "full", f"baseline must be a full fine-tuning method, not {self.baseline.name!r}")
 
 
+@functools.cache
+def _stamp() -> str:
+    """Date, time and a random suffix, drawn once per process: two sweeps started in the same second get folders of their own."""
+    return time.strftime("%Y-%m-%d/%H-%M-%S-") + uuid.uuid4().hex[:6]
+
+
 def register() -> None:
-    """Make `Settings` the schema Hydra validates `conf/config.yaml` against."""
+    """Make `Settings` the schema Hydra validates `conf/config.yaml` against, and `${stamp:}` (conf/config.yaml's
+    output folders) resolvable. Hydra copies a resolved value into each job's config (as it does `${now:}`), so
+    jobs in other processes name the folder the sweep's own process named."""
     ConfigStore.instance().store(name="settings_schema", node=Settings)
+    OmegaConf.register_new_resolver("stamp", _stamp, use_cache=True, replace=True)
 
 
 def from_config(cfg: DictConfig) -> Settings:
