@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
 from lora_sweep import adapters, data, glue, instruct, records
-from lora_sweep.errors import UserError, file_errors
+from lora_sweep.errors import UserError, file_errors, one_line
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import MethodSettings, Settings
 from lora_sweep.tracking import Tracker
@@ -138,9 +138,18 @@ def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict
         "baseline_run_id": baseline["run_id"] if baseline else None,
         "baseline_status": baseline["status"] if baseline else None,
         "identity": p.identity,
-        "config": dataclasses.asdict(s),
+        "config": _recorded_config(s),
         "environment": records.environment(p.device, threads),
     }
+
+
+def _recorded_config(s: Settings) -> dict[str, Any]:
+    """The settings as a record keeps them: its folders relative to the record's own (records.portable)."""
+    config = dataclasses.asdict(s)
+    for key in ("results_dir", "cache_dir", "artifacts_dir"):
+        config[key] = records.portable(config[key], s.results_dir)
+    config["task"]["data_dir"] = records.portable(s.task.data_dir, s.results_dir)
+    return config
 
 
 def execute(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict[str, Any]:
@@ -156,8 +165,9 @@ def execute(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict[str,
         record.update(status="failed", error=str(exc))
         records.write_record(p.settings.results_dir, _finished(record))
         raise
-    except Exception as exc:  # an error in one run is its result; the sweep goes on
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    except Exception as exc:  # an error in one run is its result; the sweep goes on. Its traceback goes to a log.
+        record.update(status="failed", error=f"{type(exc).__name__}: {one_line(exc)}",
+                      log=records.write_log(p.settings.results_dir, p.run_id, traceback.format_exc()))
     _finished(record)
     if tracker:
         tracker.finish(record)
@@ -232,8 +242,8 @@ def _memory_fields(device: str, result) -> dict[str, Any]:
 
 
 def _save(model: torch.nn.Module, p: Plan) -> dict[str, Any]:
-    """Save the adapter (LoRA) or the whole model (full FT) and return where and how many bytes."""
-    folder = Path(p.settings.results_dir).resolve().parent / "artifacts" / p.run_id
+    """Save the adapter (LoRA) or the whole model (full FT) in artifacts_dir; return where (relative to the record) and how many bytes."""
+    folder = Path(p.settings.artifacts_dir) / p.run_id
     model.save_pretrained(folder)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
-    return {"path": str(folder), "bytes": size}
+    return {"path": records.portable(folder, p.settings.results_dir), "bytes": size}

@@ -5,6 +5,7 @@ killed mid-way leaves no `done` record. A per-run file lock (flock, which the OS
 process dies, even by SIGKILL) keeps parallel jobs and separate sweeps from running one experiment
 twice. A record that is replaced (rerun=true, or a failed run retried) is kept under `history/`;
 a file that is not a record (damaged on disk, or edited) is moved to `corrupt/` and its run runs again.
+A failed run's traceback goes to `logs/<run_id>.log`; the record keeps one line.
 """
 
 from __future__ import annotations
@@ -147,6 +148,22 @@ def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def write_log(results_dir: str | Path, rid: str, text: str) -> str:
+    """Append a failed run's traceback to logs/<run_id>.log beside its record; the path as the record holds it."""
+    folder = Path(results_dir) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{rid}.log", "a") as handle:
+        handle.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n{text}")
+    return f"logs/{rid}.log"
+
+
+def portable(path: str | Path | None, results_dir: str | Path) -> str | None:
+    """`path` as a record holds it: relative to the record's folder, so a record names no user's folders and moves with them."""
+    if path is None:
+        return None
+    return os.path.relpath(Path(path).expanduser().resolve(), Path(results_dir).expanduser().resolve())
+
+
 @contextmanager
 def run_lock(results_dir: str | Path, rid: str) -> Iterator[None]:
     """Exclusive lock on one run id across processes (and hosts, where the file system supports flock)."""
@@ -182,6 +199,5 @@ def environment(device_name: str, threads: int) -> dict[str, Any]:
         "packages": versions,
         "device": device_name,
         "threads": threads,
-        "host": platform.node(),
         "git_commit": _git_commit(),
     }

@@ -159,8 +159,9 @@ class Settings:
     baseline: MethodSettings = field(default_factory=MethodSettings)  # the full-FT method every LoRA run is paired with
     train: TrainSettings = field(default_factory=TrainSettings)
     logger: LoggerSettings = field(default_factory=LoggerSettings)
-    results_dir: str = "results/runs"
-    cache_dir: str = ".cache/lora_sweep"
+    results_dir: str = "results/runs"  # the run records (and their history/, logs/, corrupt/ folders)
+    cache_dir: str = ".cache/lora_sweep"  # tokenized data, converted models, Hydra's own output folders
+    artifacts_dir: str = "${results_dir}/artifacts"  # saved adapters and models (train.save_adapter)
     pair_baseline: bool = True  # ensure the paired full-FT run before each LoRA run
     rerun: bool = False  # run again even if a `done` record exists
     analyze: bool = False  # sweeps: write the analysis report beside results_dir when the sweep ends
