@@ -6,6 +6,8 @@ import errno
 from contextlib import contextmanager
 from typing import Iterator
 
+from hydra.errors import HydraException
+
 
 class UserError(Exception):
     """Bad input (config, data, model or network). The CLI prints it as one line and exits non-zero."""
@@ -27,6 +29,8 @@ def file_errors() -> Iterator[None]:
     try:
         yield
     except OSError as exc:
+        if isinstance(exc, HydraException):  # Hydra's missing-config error is an IOError too: the CLI words it
+            raise
         path = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
         what = exc.strerror or one_line(exc)
         message = f"{path}: {what}" if path else what

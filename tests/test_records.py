@@ -195,3 +195,20 @@ def test_no_committed_record_holds_an_absolute_path_or_a_host_name():
         text = path.read_text()
         assert not ABSOLUTE.search(text), f"{path.relative_to(REPO)}: {ABSOLUTE.search(text).group(0)}"
         assert '"host"' not in text, f"{path.relative_to(REPO)} names its host"
+
+
+def test_lora_analyze_that_cannot_write_says_so_in_one_line(tmp_path, done, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    record = done[1]
+    records.record_path(runs, record["run_id"]).write_bytes(records.record_path(done[0] / "runs", record["run_id"]).read_bytes())
+
+    def refuse(dir, **kwargs):  # chmod means nothing to root: the refusal anyone else gets, simulated
+        raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+
+    monkeypatch.setattr(report.tempfile, "mkdtemp", refuse)
+    with pytest.raises(SystemExit) as exit_info:
+        analysis_cli.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path}: Permission denied; point results_dir, "
+                                                            "cache_dir or artifacts_dir at a folder you can write"]
