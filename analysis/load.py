@@ -25,8 +25,12 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     times = record.get("time") or {}
     params = record.get("params") or {}
     targets = record.get("targets")
+    budget = record.get("budget") or {}
+    environment = record.get("environment") or {}
     row = {
         "run_id": record["run_id"],
+        "config_id": record["config_id"],
+        "context_id": record["context_id"],
         "status": record["status"],
         "error": record.get("error"),
         "diverged_at_step": record.get("diverged_at_step"),
@@ -47,6 +51,13 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "max_seq_len": train.get("max_seq_len"),
         "primary_metric": record.get("primary_metric"),
         "primary_value": record.get("primary_value"),
+        "tune_value": record.get("tune_value"),
+        "initial_loss": budget.get("initial_loss"),
+        "final_loss": budget.get("final_loss"),
+        "loss_slope": budget.get("slope_per_100_steps"),
+        "loss_slope_se": budget.get("slope_se"),
+        "still_improving": budget.get("still_improving"),
+        "train_padding": ((record.get("tokens") or {}).get("train") or {}).get("padding_fraction"),
         "params_total": params.get("total"),
         "params_trainable": params.get("trainable"),
         "params_adapter": params.get("adapter"),
@@ -61,7 +72,10 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": times.get("tokens_per_s"),
         "artifact_bytes": (record.get("artifact") or {}).get("bytes"),
         "loss_curve": json.dumps(record.get("loss_curve") or []),
-        "versions": json.dumps((record.get("environment") or {}).get("packages") or {}),
+        "versions": json.dumps(environment.get("packages") or {}, sort_keys=True),
+        "git_commit": environment.get("git_commit"),
+        "grad_after_backward_mib": memory["grad_bytes_after_backward"] / MIB if memory.get("grad_bytes_after_backward") else None,
+        "examples": (record.get("examples") or {}).get("dev"),  # per-example outputs: for the paired tests, not for export
         "finished_at": record.get("finished_at"),
     }
     info = metric_info(record.get("primary_metric") or "")

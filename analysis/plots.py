@@ -1,7 +1,8 @@
 """The trade-off figures, one set per task and model, plus a small-multiples overview across tasks.
 
 Every function takes the tidy tables (analysis.tables) and writes PNG and SVG, returning the PNG path.
-Where a learning-rate grid exists, the trade-off plots show each rank at its best learning rate.
+Where a learning-rate grid exists, the trade-off plots show each rank at the learning rate chosen on the tuning split;
+error bars are 95 % intervals over seeds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.tables import oriented  # noqa: E402
+from analysis.tables import oriented, tuned  # noqa: E402
 from lora_sweep.metrics import metric_info  # noqa: E402
 
 SPLIT = ["weights", "gradients", "optimizer", "activations", "other"]
@@ -40,18 +41,13 @@ def view(metric: str) -> tuple[float, str]:
     return info.scale, f"{metric} ({info.unit}; {better} is better)" if info.unit else f"{metric} ({better} is better)"
 
 
-def _best_first(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.assign(_score=oriented(frame["primary_value_mean"], frame["higher_is_better"])).sort_values("_score", ascending=False)
-
-
 def series_label(row) -> str:
     return f"{row['targets']}, {row['scaling']}"
 
 
-def best_lr(paired: pd.DataFrame) -> pd.DataFrame:
-    """One row per (series, rank): the learning rate with the best mean metric."""
-    ranked = _best_first(paired.assign(series=paired.apply(series_label, axis=1)))
-    return ranked.drop_duplicates(["series", "r"]).sort_values(["series", "r"])
+def best_lr(lora: pd.DataFrame) -> pd.DataFrame:
+    """One row per (series, rank): the learning rate chosen on the tuning split."""
+    return tuned(lora.assign(series=lora.apply(series_label, axis=1)), ["series", "r"])
 
 
 def pareto(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -125,11 +121,15 @@ def memory_split(points, full, title, folder, name) -> Path:
         labels.append("full FT")
         bars.append(full[[f"mem_{k}_mib_mean" for k in SPLIT]].fillna(0).to_numpy(float)[None, :])
     values = np.vstack(bars)
+    grads = rows["grad_after_backward_mib_mean"].tolist() + ([full["grad_after_backward_mib_mean"]] if full is not None else [])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bottom = np.zeros(len(labels))
     for i, part in enumerate(SPLIT):
         ax.bar(labels, values[:, i], bottom=bottom, label=part)
         bottom += values[:, i]
+    # At the peak (inside backward) most gradients do not exist yet; full FT's gradient memory shows at backward's end.
+    ax.scatter(labels, np.nan_to_num(np.asarray(grads, float)), marker="_", s=400, color="black", zorder=3,
+               label="gradients at the end of backward")
     ax.set_ylabel("memory at the peak of a training step (MiB)")
     ax.set_title(f"{title}: peak memory split ({series})")
     ax.legend(fontsize=8)
@@ -141,7 +141,7 @@ def metric_vs_rank(points, full, title, metric, folder, name) -> Path:
     scale, label = view(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for scaling, group in points.groupby("scaling", sort=True):
-        best = _best_first(group).drop_duplicates("r").sort_values("r")
+        best = tuned(group, ["r"])
         ax.errorbar(best["r"], scale * best["primary_value_mean"], yerr=scale * best["primary_value_ci95"].fillna(0),
                     marker="o", capsize=3, label=scaling)
     if full is not None:

@@ -8,45 +8,63 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analysis import plots
 from analysis.load import load_records
-from analysis.tables import aggregate, pair_with_baselines, recommend
+from analysis.tables import aggregate, compare_ranks, recommend, run_flags, tuned
 
 
 def _slug(*parts) -> str:
     return "_".join(str(p).replace("/", "-") for p in parts)
 
 
-def _baseline_row(agg: pd.DataFrame, task: str, model: str, baseline_ids: set[str]) -> pd.Series | None:
-    """The full-FT configuration the LoRA runs of a task were paired with (or the only one there is)."""
-    full = agg[(agg["method"] == "full") & (agg["task"] == task) & (agg["model"] == model)]
-    paired = full[full["run_ids"].map(lambda ids: bool(baseline_ids & set(ids)))]
-    chosen = paired if len(paired) else full
-    return chosen.iloc[0] if len(chosen) else None
-
-
-def _rank_table(paired: pd.DataFrame) -> pd.DataFrame:
-    scale = paired["primary_scale"].iloc[0]
+def _rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
+    first = ranks.iloc[0]
+    scale, unit = first["primary_scale"], first["primary_unit"]
 
     def pm(mean, ci):
-        return f"{scale * mean:.3f}" + (f" ± {scale * ci:.3f}" if pd.notna(ci) else "")
+        return f"{scale * mean:.2f}" + (f" ± {scale * ci:.2f}" if pd.notna(ci) else "")
 
-    rows = paired.sort_values(["targets", "scaling", "lr", "r"])
-    return pd.DataFrame({
-        "targets": rows["targets"], "scaling": rows["scaling"], "lr": rows["lr"].map("{:g}".format), "r": rows["r"].astype(int),
+    def interval(row, prefix):
+        low, high = row.get(f"{prefix}_low"), row.get(f"{prefix}_high")
+        return f"{row[prefix]:+.2f} [{low:+.2f}, {high:+.2f}]" if pd.notna(row.get(prefix)) else "-"
+
+    rows = ranks.sort_values(["targets", "r"])
+    table = pd.DataFrame({
+        "targets": rows["targets"], "r": rows["r"].astype(int), "lr (tuned)": rows["lr"].map("{:g}".format),
         "seeds": rows["seeds"].map(len),
         "trainable": rows["params_trainable_mean"].map("{:,.0f}".format),
-        "metric (± 95% CI)": [pm(m, c) for m, c in zip(rows["primary_value_mean"], rows["primary_value_ci95"])],
-        "full FT": [pm(m, c) for m, c in zip(rows["full_mean"], rows["full_ci95"])],
-        f"Δ {rows['primary_unit'].iloc[0]} (+ = better)": rows["delta"].map("{:+.3f}".format),
-        "% of full": rows["pct_of_full"].map("{:.1f}".format),
-        "params vs full": rows["param_ratio"].map("{:.3%}".format),
-        "memory vs full": rows["memory_ratio"].map("{:.0%}".format),
+        "tune": [f"{scale * v:.2f}" for v in rows["tune_value_mean"]],
+        "eval (± 95% CI over seeds)": [pm(m, c) for m, c in zip(rows["primary_value_mean"], rows["primary_value_ci95"])],
+        "full FT eval": [pm(m, c) for m, c in zip(rows.get("full_mean", np.nan), rows.get("full_ci95", np.nan))],
+        f"Δ vs full FT, {unit} [95% CI]": [interval(r, "delta") for _, r in rows.iterrows()],
+        "verdict": rows.get("verdict", pd.Series("-", index=rows.index)).fillna("-"),
+        "vs next lower rank": [interval(r, "vs_lower_delta") + (" *" if r.get("vs_lower_differs") is True else "")
+                               if pd.notna(r.get("vs_lower_delta")) else "-" for _, r in rows.iterrows()],
+        "params vs full": rows.get("param_ratio", np.nan).map(_fmt("{:.2%}")),
+        "memory vs full": rows.get("memory_ratio", np.nan).map(_fmt("{:.0%}")),
         "peak MiB": rows["peak_mib_mean"].map("{:.0f}".format),
-        "train s": rows["train_s_mean"].map("{:.0f}".format),
+        "still improving": [f"{n}/{len(s)}" for n, s in zip(rows["still_improving"], rows["seeds"])],
     })
+    if first["higher_is_better"]:  # a share of full FT's score means something for a score, not for a loss
+        table.insert(9, "% of full", (100 * rows["primary_value_mean"] / rows.get("full_mean", np.nan)).map(_fmt("{:.1f}")))
+    return table
+
+
+def _fmt(fmt: str):
+    return lambda v: fmt.format(v) if pd.notna(v) else "-"
+
+
+METHOD_NOTE = (
+    "Every choice (each rank's learning rate or alpha policy, and the full-FT learning rate) is made on the tuning "
+    "split carved from the training data; the eval split is only reported. Δ is LoRA minus full FT on the eval split "
+    "(positive: LoRA better), paired by seed and example; its 95% interval combines the between-seed variance of the "
+    "per-seed differences with a paired bootstrap over eval examples (metric recomputed on each resample) through a "
+    "Welch–Satterthwaite t interval (analysis/stats.py). A rank qualifies when the interval's low end is above −margin; "
+    "with one seed training noise is unknown and nothing qualifies. `*` in 'vs next lower rank': the two ranks differ "
+    "significantly.")
 
 
 def write(records_dir: str | Path, tolerance: float | None = None) -> Path:
@@ -75,49 +93,52 @@ def _publish(stage: Path, dest: Path) -> None:
 
 
 def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | None) -> Path:
-    df.to_parquet(out / "runs.parquet", index=False)
-    df.to_csv(out / "runs.csv", index=False)
+    df.drop(columns="examples").to_parquet(out / "runs.parquet", index=False)
+    df.drop(columns="examples").to_csv(out / "runs.csv", index=False)
     agg = aggregate(df)
-    paired = pair_with_baselines(df, agg) if len(agg) else agg
+    ranks = compare_ranks(df, agg, tolerance) if (agg["method"] == "lora").any() else pd.DataFrame()
+    recommendation = recommend(ranks) if len(ranks) else pd.DataFrame()
+    flags = run_flags(df)
     tables_dir, plots_dir = out / "tables", out / "plots"
     tables_dir.mkdir(exist_ok=True)
-    recommendation = recommend(paired, tolerance) if len(paired) else pd.DataFrame()
-    for name, table in {"aggregate": agg, "paired": paired, "recommendation": recommendation}.items():
+    for name, table in {"aggregate": agg, "ranks": ranks, "recommendation": recommendation, "flags": flags}.items():
         table.to_csv(tables_dir / f"{name}.csv", index=False)
 
     lines = ["# lora-sweep report", ""]
-    lines += _what_ran(df)
-    lines += ["## Rank recommendation", "",
-              "The smallest rank within the tolerance of full fine-tuning (with several seeds: the worse end of its 95% CI).", ""]
-    lines += [recommendation[["task", "model", "targets", "tolerance", "unit", "recommendation"]].to_markdown(index=False, disable_numparse=True) if len(recommendation) else "No LoRA run finished.", ""]
-    (tables_dir / "recommendation.md").write_text(lines[-2] + "\n")
+    lines += _what_ran(df, agg)
+    lines += ["## Rank recommendation", "", METHOD_NOTE, ""]
+    recommended = (recommendation[["task", "model", "targets", "margin", "unit", "recommendation"]].to_markdown(index=False, disable_numparse=True)
+                   if len(recommendation) else "No LoRA configuration finished.")
+    lines += [recommended, ""]
+    (tables_dir / "recommendation.md").write_text(recommended + "\n")
+    if len(flags):
+        lines += ["## Runs to look at", "", "Runs that finished but may not be what they seem (kept in every table, flagged here):", "",
+                  flags.to_markdown(index=False, disable_numparse=True), ""]
 
     panels = []
     for (task, model), runs in df.groupby(["task", "model"], sort=True):
         title = f"{task} · {model}"
         lines += [f"## {title}", ""]
-        task_paired = paired[(paired["task"] == task) & (paired["model"] == model)] if len(paired) else paired
         task_agg = agg[(agg["task"] == task) & (agg["model"] == model)] if len(agg) else agg
-        baseline_ids = set().union(*task_paired["baseline_ids"].map(set)) if len(task_paired) else set()
-        full = _baseline_row(agg, task, model, baseline_ids) if len(agg) else None
+        task_ranks = ranks[(ranks["task"] == task) & (ranks["model"] == model)] if len(ranks) else ranks
+        full_rows = tuned(task_agg[task_agg["method"] == "full"], ["context_id"]) if len(task_agg) else task_agg
+        full = full_rows.iloc[0] if len(full_rows) else None
         metric = runs["primary_metric"].dropna().iloc[0] if runs["primary_metric"].notna().any() else "metric"
         device = runs["device"].dropna().iloc[0] if runs["device"].notna().any() else "cpu"
         if full is None:
             lines += ["No full fine-tuning baseline finished for this task: differences from full FT cannot be shown.", ""]
-        if len(task_paired):
-            notes = sorted(set(task_paired["baseline_note"]) - {""})
-            lines += [f"Note: {n}." for n in notes] + ([""] if notes else [])
-            table = _rank_table(task_paired)
+        if len(task_ranks):
+            table = _rank_table(task_ranks)
             slug = _slug(task, model)
             (tables_dir / f"{slug}.md").write_text(table.to_markdown(index=False, disable_numparse=True) + "\n")
             table.to_csv(tables_dir / f"{slug}.csv", index=False)
             lines += [table.to_markdown(index=False, disable_numparse=True), ""]
-            points = plots.best_lr(task_paired)
+            points = plots.best_lr(task_agg[task_agg["method"] == "lora"])
             figures = [
                 plots.metric_vs_params(points, full, title, metric, plots_dir, f"{slug}_metric_vs_params"),
                 plots.metric_vs_memory(points, full, title, metric, device, plots_dir, f"{slug}_metric_vs_memory"),
                 plots.memory_split(points, full, title, plots_dir, f"{slug}_memory_split"),
-                plots.metric_vs_rank(task_paired, full, title, metric, plots_dir, f"{slug}_metric_vs_rank"),
+                plots.metric_vs_rank(task_agg[task_agg["method"] == "lora"], full, title, metric, plots_dir, f"{slug}_metric_vs_rank"),
                 plots.loss_curves(runs[runs["status"] == "done"], title, plots_dir, f"{slug}_loss"),
             ]
             if task_agg.groupby("method")["lr"].nunique().max() > 1:
@@ -136,20 +157,22 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
     return report
 
 
-def _what_ran(df: pd.DataFrame) -> list[str]:
+def _what_ran(df: pd.DataFrame, agg: pd.DataFrame) -> list[str]:
     counts = df["status"].value_counts().to_dict()
     budgets = df[["max_steps", "batch_size", "max_seq_len"]].drop_duplicates().astype("Int64").to_dict("records")
     versions = json.loads(df["versions"].iloc[-1]) if len(df) else {}
+    notes = sorted({n for n in agg.get("versions_note", pd.Series(dtype=str)) if n})
     return [
         "## What ran", "",
-        f"- runs: {len(df)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})",
+        f"- runs: {len(df)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}) in {len(agg)} configurations",
         f"- models: {', '.join(sorted(df['model'].unique()))}; tasks: {', '.join(sorted(df['task'].unique()))}",
         "- training budget (optimizer steps × batch, max tokens): "
         + "; ".join(f"{b['max_steps']} × {b['batch_size']}, {b['max_seq_len']}" for b in budgets),
         f"- devices: {', '.join(sorted(df['device'].dropna().unique()))}; seeds: {', '.join(map(str, sorted(df['seed'].dropna().unique())))}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in versions.items() if v)}",
+        *[f"- **warning**: {n} (within one configuration)" for n in notes],
         "- metrics are on the GLUE dev split in points (× 100), or on held-out instruction examples (loss in nats per response token); "
-        "memory is the peak of live tensor bytes during one training step",
+        "memory is the peak of live tensor bytes during the training step with the longest batch",
         "",
     ]
 

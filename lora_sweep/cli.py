@@ -38,7 +38,8 @@ def app(cfg: DictConfig) -> float | None:
     try:
         with file_errors():
             settings = settings_module.from_config(cfg)
-            record = experiment.run(settings, parallel_jobs=_parallel_jobs() if multirun else 1)
+            record = experiment.run(settings, parallel_jobs=_parallel_jobs() if multirun else 1,
+                                    sweep=sweep.sweep_token(HydraConfig.get().sweep.dir) if multirun else None)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if multirun:

@@ -15,16 +15,16 @@ from typing import Any
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
-from lora_sweep import adapters, data, glue, instruct, records
+from lora_sweep import adapters, batching, data, glue, identity, instruct, records
 from lora_sweep.errors import UserError, file_errors, one_line
-from lora_sweep.hub import resolve_model
+from lora_sweep.evaluation import evaluate_split
+from lora_sweep.hub import model_source, resolve_model
 from lora_sweep.settings import MethodSettings, Settings
 from lora_sweep.tracking import Tracker
-from lora_sweep.train import fit, make_accelerator
+from lora_sweep.train import fit, loss_trend, make_accelerator, total_steps
 
 FAMILIES = {"glue": glue, "instruct": instruct}
 
@@ -57,7 +57,7 @@ class Plan:
     model_path: str
     device: str
     source: str
-    identity: dict[str, Any]
+    identity: dict[str, Any]  # lora_sweep.identity: the one definition of what this experiment is
     run_id: str
 
 
@@ -73,34 +73,38 @@ def plan(settings: Settings) -> Plan:
     path = resolve_model(settings.model.name_or_path, settings.cache_dir)
     device = resolve_device(settings.train.device)
     source = family.resolve_source(settings.task)
-    method = settings.method
+    method, targets = settings.method, None
     if method.name == "lora":
         skeleton = family.load_model(path, settings, meta=True)
         if method.match_budget:
             method = dataclasses.replace(method, r=adapters.budget_rank(skeleton, method), match_budget=None)
-        adapters.check_lora(skeleton, method)
-    ident = records.identity(dataclasses.replace(settings, method=method), device, source)  # same experiment, same id
-    return Plan(settings, method, family, path, device, source, ident, records.run_id(ident))
+        targets = adapters.check_lora(skeleton, method)
+    ident = identity.experiment_identity(settings, method, targets, model_source(settings.model.name_or_path, path, settings.model.revision),
+                                         family.data_identity(settings.task, source), device)
+    return Plan(settings, method, family, path, device, source, ident, identity.run_id(ident))
 
 
 def baseline_settings(settings: Settings) -> Settings:
     """The full-FT run a LoRA run is compared with: same model, task, seed and training budget."""
-    return dataclasses.replace(settings, method=settings.baseline, pair_baseline=False, rerun=False)
+    return dataclasses.replace(settings, method=settings.baseline, pair_baseline=False)
 
 
-def run(settings: Settings, parallel_jobs: int = 1) -> dict[str, Any]:
-    """Run one experiment (and first its baseline) unless a `done` record exists; return its record."""
+def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) -> dict[str, Any]:
+    """Run one experiment (and first its baseline) unless a `done` record exists; return its record.
+
+    `sweep` names the sweep this run belongs to: a run already attempted in this sweep (a baseline shared by
+    several LoRA runs) is not attempted again, whatever its status or `rerun`; in a later sweep it may be."""
     p = plan(settings)
     baseline = None
     if settings.method.name == "lora" and settings.pair_baseline:
-        baseline = run(baseline_settings(settings), parallel_jobs)
+        baseline = run(baseline_settings(settings), parallel_jobs, sweep)
     with records.run_lock(settings.results_dir, p.run_id):
         existing = records.read_record(settings.results_dir, p.run_id)
-        if existing and existing["status"] == "done" and not settings.rerun:
-            print(f"[lora-sweep] {p.run_id} ({describe(p)}) already done: skipped")
+        if existing and ((sweep and existing.get("sweep") == sweep) or (existing["status"] == "done" and not settings.rerun)):
+            print(f"[lora-sweep] {p.run_id} ({describe(p)}) already {existing['status']}: skipped")
             return existing
         print(f"[lora-sweep] {p.run_id} ({describe(p)}) starting")
-        record = execute(p, baseline, resolve_threads(settings.train.threads, parallel_jobs))
+        record = execute(p, baseline, resolve_threads(settings.train.threads, parallel_jobs), sweep)
         records.write_record(settings.results_dir, record)
     return record
 
@@ -111,12 +115,15 @@ def describe(p: Plan) -> str:
     return f"{settings.model.name} {settings.task.name} {what} lr={m.lr:g} seed={settings.train.seed}"
 
 
-def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict[str, Any]:
+def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: str | None) -> dict[str, Any]:
     s, m = p.settings, p.method
     lora = m.name == "lora"
     return {
         "schema_version": records.SCHEMA_VERSION,
         "run_id": p.run_id,
+        "config_id": identity.config_id(p.identity),
+        "context_id": identity.context_id(p.identity),
+        "sweep": sweep,
         "status": "running",
         "error": None,
         "diverged_at_step": None,
@@ -152,9 +159,9 @@ def _recorded_config(s: Settings) -> dict[str, Any]:
     return config
 
 
-def execute(p: Plan, baseline: dict[str, Any] | None, threads: int) -> dict[str, Any]:
+def execute(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: str | None = None) -> dict[str, Any]:
     """Train and evaluate; always returns a record. Bad input (a full disk included) is recorded as failed, then re-raised."""
-    record = _base_record(p, baseline, threads)
+    record = _base_record(p, baseline, threads, sweep)
     tracker = None
     try:
         with file_errors():
@@ -192,23 +199,27 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     tokens, cached = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
     prep_seconds = time.perf_counter() - start
 
-    collator = p.family.collator(tokenizer)
-    generator = torch.Generator().manual_seed(s.train.seed)
-    train_loader = DataLoader(tokens["train"], batch_size=s.train.batch_size, shuffle=True, collate_fn=collator, generator=generator)
-    eval_loader = DataLoader(tokens["dev"], batch_size=s.train.eval_batch_size, collate_fn=collator)
-
-    accelerator = make_accelerator(s.train, p.device)
+    collate = p.family.collator(tokenizer)
+    train_set = tokens["train"].remove_columns("id")
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    steps = total_steps(s.train, len(train_set))
+    schedule = batching.train_plan(lengths, s.train.batch_size, steps, s.train.grad_accum, s.train.seed, s.train.group_by_length)
+    accelerator = make_accelerator(p.device)
     if p.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = fit(accelerator, model, train_loader, p.method, s.train, on_log=tracker.log_loss)
+    result = fit(accelerator, model, train_set, collate, schedule, p.method, s.train, on_log=tracker.log_loss)
 
     out: dict[str, Any] = {
         "adapted_modules": adapted,
         "params": dataclasses.asdict(counts),
         "loss_curve": result.loss_curve,
+        "budget": loss_trend(result.step_losses),
         "memory": _memory_fields(p.device, result),
-        "train_examples": len(tokens["train"]),
+        "train_examples": len(train_set),
+        "tune_examples": len(tokens["tune"]),
         "eval_examples": len(tokens["dev"]),
+        "tokens": {"train": {"real_tokens": result.real_tokens, "computed_tokens": result.computed_tokens,
+                             "padding_fraction": 1 - result.real_tokens / result.computed_tokens if result.computed_tokens else 0.0}},
     }
     time_fields = {
         "data_prep_s": prep_seconds,
@@ -216,26 +227,32 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
         "train_s": result.seconds,
         "steps": result.steps,
         "samples_per_s": result.samples / result.seconds if result.seconds else None,
-        "tokens_per_s": result.tokens / result.seconds if result.seconds else None,
+        "tokens_per_s": result.real_tokens / result.seconds if result.seconds else None,
+        "computed_tokens_per_s": result.computed_tokens / result.seconds if result.seconds else None,
     }
     if result.diverged_at is not None:
-        return {**out, "time": time_fields, "status": "diverged", "diverged_at_step": result.diverged_at,
-                "error": f"loss became NaN or infinite at step {result.diverged_at}"}
+        return {**out, "time": time_fields, "status": "diverged", "diverged_at_step": result.diverged_at, "error": result.divergence}
 
     start = time.perf_counter()
-    metrics, primary = p.family.evaluate(accelerator, model, eval_loader, s, tokenizer)
+    tune = evaluate_split(accelerator, model, p.family, tokens["tune"], collate, s)
+    dev = evaluate_split(accelerator, model, p.family, tokens["dev"], collate, s)
+    metrics = {**dev["metrics"], **p.family.extra_metrics(accelerator, model, tokenizer, tokens["dev"], s)}
     time_fields["eval_s"] = time.perf_counter() - start
-    out.update(metrics=metrics, primary_metric=primary, primary_value=metrics[primary], time=time_fields)
+    out["tokens"].update(tune=tune["tokens"], dev=dev["tokens"])
+    out.update(metrics=metrics, primary_metric=dev["primary_metric"], primary_value=metrics[dev["primary_metric"]],
+               tune_metrics=tune["metrics"], tune_value=tune["metrics"][dev["primary_metric"]],
+               examples={"dev": dev["examples"], "tune": tune["examples"]}, time=time_fields)
     out["artifact"] = _save(accelerator.unwrap_model(model), p) if s.train.save_adapter else None
     out["status"] = "done"
     return out
 
 
 def _memory_fields(device: str, result) -> dict[str, Any]:
-    fields: dict[str, Any] = {"device": device, "peak_bytes": None, "split_bytes": None,
+    fields: dict[str, Any] = {"device": device, "peak_bytes": None, "split_bytes": None, "grad_bytes_after_backward": None,
                               "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None}
     if result.memory is not None:
-        fields.update(peak_bytes=result.memory.peak_bytes, split_bytes=result.memory.split)
+        fields.update(peak_bytes=result.memory.peak_bytes, split_bytes=result.memory.split,
+                      grad_bytes_after_backward=result.grad_bytes_after_backward)
     if device == "cuda":
         fields.update(cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(), cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
     return fields

@@ -1,7 +1,8 @@
 """The GLUE task family: where the data lives, how to read it, the model head, and the official metrics.
 
 experiment.py uses a task family through the module-level names TASK_TYPE, resolve_source,
-load_model, fingerprint, build, collator and evaluate (lora_sweep.instruct has the same).
+load_model, data_identity, build, collator, batch_outputs, split_metrics and extra_metrics
+(lora_sweep.instruct has the same).
 
 Local files are read in the original GLUE download layout (`<glue_dir>/<TASK>/{train,dev}.tsv`).
 They are parsed by hand rather than with `datasets`' csv loader because the GLUE files need
@@ -19,12 +20,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from accelerate import Accelerator
-from torch.utils.data import DataLoader
 from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig, DataCollatorWithPadding
 
+from lora_sweep import data
 from lora_sweep.errors import UserError
-from lora_sweep.hub import load_pretrained, require_hub
+from lora_sweep.hub import hub_commit, load_pretrained, require_hub
+from lora_sweep.identity import file_digest
 from lora_sweep.metrics import glue_metrics
 from lora_sweep.settings import Settings, TaskSettings
 
@@ -162,19 +163,14 @@ def _load_hub(spec: GlueTask) -> datasets.DatasetDict:
 
 
 def load_splits(task: TaskSettings, seed: int, source: str) -> datasets.DatasetDict:
-    """Train and dev splits with columns text_a, [text_b,] label, capped as the settings ask."""
+    """Train, tune and dev splits with columns id, text_a, [text_b,] label (see data.split)."""
     spec = task_spec(task.name)
     if source == "local":
         folder = glue_dir(task) / spec.folder
-        splits = datasets.DatasetDict({"train": read_tsv(spec, folder / "train.tsv"), "dev": read_tsv(spec, folder / spec.dev_file)})
+        raw = {"train": read_tsv(spec, folder / "train.tsv"), "dev": read_tsv(spec, folder / spec.dev_file)}
     else:
-        splits = _load_hub(spec)
-    if task.max_train_examples:
-        train = splits["train"].shuffle(seed=seed)
-        splits["train"] = train.select(range(min(task.max_train_examples, len(train))))
-    if task.max_eval_examples:
-        splits["dev"] = splits["dev"].select(range(min(task.max_eval_examples, len(splits["dev"]))))
-    return splits
+        raw = _load_hub(spec)
+    return data.split(raw["train"], raw["dev"], task, seed)
 
 
 def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Module:
@@ -186,22 +182,17 @@ def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Mo
     return load_pretrained(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, path, config, settings.model.revision, meta)
 
 
-def fingerprint(settings: Settings, source: str) -> dict:
-    """What the raw data is: local files by size and modification time, hub data by name."""
-    task = settings.task
-    if source == "hub":
-        return {"hub": task.name}
+def data_identity(task: TaskSettings, source: str) -> dict:
+    """What data a run reads: the local files by content hash, or the hub dataset at its commit."""
     spec = task_spec(task.name)
+    if source == "hub":
+        return {"hub": "nyu-mll/glue", "config": spec.hub_config, "revision": hub_commit("nyu-mll/glue", "dataset", None)}
     folder = glue_dir(task) / spec.folder
-    files = {}
-    for name in ("train.tsv", spec.dev_file):
-        stat = (folder / name).stat() if (folder / name).is_file() else None
-        files[name] = [stat.st_size, stat.st_mtime_ns] if stat else None
-    return {"folder": str(folder.resolve()), "files": files}
+    return {"files": {f"{spec.folder}/{name}": file_digest(folder / name) for name in ("train.tsv", spec.dev_file)}}
 
 
 def build(settings: Settings, source: str, tokenizer) -> datasets.DatasetDict:
-    """Tokenized train/dev splits; padding is left to the collator (dynamic)."""
+    """Tokenized train/tune/dev splits; padding is left to the collator (dynamic)."""
     splits = load_splits(settings.task, settings.train.seed, source)
     two = "text_b" in splits["train"].column_names
 
@@ -212,25 +203,22 @@ def build(settings: Settings, source: str, tokenizer) -> datasets.DatasetDict:
     return splits.map(encode, batched=True, remove_columns=text_columns)
 
 
-def collator(tokenizer) -> DataCollatorWithPadding:
-    return DataCollatorWithPadding(tokenizer)
+def collator(tokenizer):
+    """Pads to the batch's longest example; the example ids stay out of the model's inputs."""
+    pad = DataCollatorWithPadding(tokenizer)
+    return lambda features: pad([{k: v for k, v in f.items() if k != "id"} for f in features])
 
 
-def evaluate(accelerator, model: torch.nn.Module, loader, settings: Settings, tokenizer) -> tuple[dict[str, float], str]:
-    """The task's official metrics on the dev split, and the name of the primary one."""
+def batch_outputs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Per-example outputs kept in the record: the logits (one column for regression)."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+
+
+def split_metrics(outputs: np.ndarray, labels: np.ndarray, settings: Settings) -> tuple[dict[str, float], str]:
+    """The task's official metrics from per-example outputs, and the name of the primary one."""
     spec = task_spec(settings.task.name)
-    logits, labels = predict(accelerator, model, loader)
-    return glue_metrics(spec.metrics, logits, labels), spec.primary
+    return glue_metrics(spec.metrics, outputs, labels), spec.primary
 
 
-@torch.no_grad()
-def predict(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels for a whole eval split."""
-    model.eval()
-    loader = accelerator.prepare(loader)
-    logits, labels = [], []
-    for batch in loader:
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})
-        logits.append(out.logits.float().cpu())
-        labels.append(batch["labels"].cpu())
-    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+def extra_metrics(accelerator, model, tokenizer, dev: datasets.Dataset, settings: Settings) -> dict[str, float]:
+    return {}

@@ -163,3 +163,36 @@ def _check_model_folder(folder: Path, name: str) -> None:
         AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path={name} is not a model transformers can load: {one_line(exc)}") from None
+
+
+@functools.cache
+def _distribution(module_name: str) -> dict[str, str]:
+    """The installed distribution providing a module, and its version (scanning them takes ~0.5 s: once per process)."""
+    from importlib import metadata
+
+    dist = metadata.packages_distributions().get(module_name, [module_name])[0]
+    return {"package": dist, "version": metadata.version(dist)}
+
+
+def model_source(name_or_path: str, path: str, revision: str | None) -> dict:
+    """Where the weights came from, for the run's identity: a package and its version, a content hash of a
+    local folder's files, or a hub id at its resolved commit."""
+    from lora_sweep.identity import file_digest
+
+    for prefix in (PACKAGE_PREFIX, GGUF_PREFIX):
+        if name_or_path.startswith(prefix):
+            module_name, _, file_name = name_or_path[len(prefix):].partition("/")
+            return {**_distribution(module_name), **({"file": file_name} if file_name else {})}
+    folder = Path(path)
+    if folder.is_dir():
+        return {"files": {f.name: file_digest(f) for f in sorted(folder.iterdir()) if f.is_file()}}
+    return {"hub": name_or_path, "revision": hub_commit(name_or_path, "model", revision)}
+
+
+def hub_commit(repo_id: str, repo_type: str, revision: str | None) -> str | None:
+    """The commit a hub revision points to; with HF_HUB_OFFLINE=1 (the local cache only), the revision as asked."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return revision
+    from huggingface_hub import HfApi
+
+    return HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision).sha

@@ -1,8 +1,9 @@
 """The instruction-tuning task family: instruction/response data, a causal decoder, loss on the response only.
 
-Same module interface as lora_sweep.glue (TASK_TYPE, resolve_source, load_model, fingerprint, build,
-collator, evaluate). Examples are {instruction, input, output}; the held-out split is a seeded
-permutation; the prompt's tokens get label -100 so only the response is learned and scored.
+Same module interface as lora_sweep.glue (TASK_TYPE, resolve_source, load_model, data_identity, build,
+collator, batch_outputs, split_metrics, extra_metrics). Examples are {instruction, input, output}; the
+held-out (reported) split is a seeded permutation, the tuning split is carved from the rest; the prompt's
+tokens get label -100 so only the response is learned and scored.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, DataCollatorForSeq2Seq
 
+from lora_sweep import data
 from lora_sweep.adapters import FAMILY_OF_MODEL_TYPE
 from lora_sweep.errors import UserError
-from lora_sweep.hub import load_pretrained, require_hub
+from lora_sweep.hub import hub_commit, load_pretrained, require_hub
+from lora_sweep.identity import file_digest
 from lora_sweep.settings import Settings, TaskSettings
 
 TASK_TYPE = "CAUSAL_LM"
@@ -82,13 +86,12 @@ def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Mo
     return load_pretrained(MODEL_FOR_CAUSAL_LM_MAPPING, path, config, settings.model.revision, meta)
 
 
-def fingerprint(settings: Settings, source: str) -> dict:
-    spec = task_spec(settings.task.name)
+def data_identity(task: TaskSettings, source: str) -> dict:
+    """What data a run reads: the local file by content hash, or the hub dataset at its commit."""
+    spec = task_spec(task.name)
     if source == "hub":
-        return {"hub": spec.hub_id}
-    path = data_dir(settings.task) / spec.local_file
-    stat = path.stat() if path.is_file() else None
-    return {"file": str(path.resolve()), "stat": [stat.st_size, stat.st_mtime_ns] if stat else None}
+        return {"hub": spec.hub_id, "revision": hub_commit(spec.hub_id, "dataset", None)}
+    return {"files": {spec.local_file: file_digest(data_dir(task) / spec.local_file)}}
 
 
 def _check_examples(rows: list, where: str) -> list[dict[str, str]]:
@@ -138,16 +141,16 @@ def _load_hub(spec: InstructTask) -> list[dict[str, str]]:
     return [{"instruction": r[instruction], "input": r.get(context) or "", "output": r[output]} for r in raw]
 
 
-def load_examples(task: TaskSettings, source: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Train and held-out examples: a permutation seeded by task.split_seed, the first `heldout_examples` held out."""
+def load_splits(task: TaskSettings, seed: int, source: str) -> datasets.DatasetDict:
+    """Train, tune and held-out examples (see data.split): the held-out split is the first `heldout_examples` of a
+    permutation seeded by task.split_seed; ids are positions in the source file."""
     spec = task_spec(task.name)
     examples = read_local(task.name, data_dir(task) / spec.local_file) if source == "local" else _load_hub(spec)
     if len(examples) <= task.heldout_examples:
         raise UserError(f"task.heldout_examples={task.heldout_examples} leaves no training examples of {len(examples)}")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(task.split_seed)).tolist()
-    heldout = [examples[i] for i in order[:task.heldout_examples]]
-    train = [examples[i] for i in order[task.heldout_examples:]]
-    return train, heldout
+    rows = datasets.Dataset.from_list(examples).add_column("id", list(range(len(examples))))
+    return data.split(rows.select(sorted(order[task.heldout_examples:])), rows.select(order[:task.heldout_examples]), task, seed)
 
 
 def prompt_text(example: dict[str, str], template: str, tokenizer) -> str:
@@ -180,21 +183,17 @@ def check_template_room(tokenizer, template: str, max_len: int) -> None:
 
 
 def build(settings: Settings, source: str, tokenizer) -> datasets.DatasetDict:
+    """Tokenized train/tune/dev splits; the dev split keeps its prompts and references for generation."""
     task, max_len = settings.task, settings.train.max_seq_len
     check_template_room(tokenizer, task.template, max_len)
-    train, heldout = load_examples(task, source)
-    if task.max_train_examples:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.train.seed)).tolist()
-        train = [train[i] for i in order[:task.max_train_examples]]
-    if task.max_eval_examples:
-        heldout = heldout[:task.max_eval_examples]
     splits = {}
-    for name, examples in (("train", train), ("dev", heldout)):
+    for name, examples in load_splits(task, settings.train.seed, source).items():
         encoded = [encode(e, tokenizer, task.template, max_len) for e in examples]
         columns = {k: [e[k] for e in encoded] for k in ("input_ids", "attention_mask", "labels")}
-        if name == "dev":  # kept for generation: the prompt and the reference
+        columns["id"] = examples["id"]
+        if name == "dev":
             columns["prompt"] = [prompt_text(e, task.template, tokenizer) for e in examples]
-            columns["reference"] = [e["output"] for e in examples]
+            columns["reference"] = examples["output"]
         splits[name] = datasets.Dataset.from_dict(columns)
     return datasets.DatasetDict(splits)
 
@@ -211,17 +210,18 @@ def collator(tokenizer):
     return collate
 
 
-@torch.no_grad()
-def response_loss(accelerator, model: torch.nn.Module, loader) -> tuple[float, int]:
-    """Mean cross-entropy per response token over a whole split, and the number of tokens scored."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in accelerator.prepare(loader):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum").item()
-        count += int((labels != IGNORE).sum())
-    return total / count, count
+def batch_outputs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Per-example outputs kept in the record: summed cross-entropy over the response tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    return torch.stack([losses.sum(dim=1), (labels != IGNORE).sum(dim=1).float()], dim=1)
+
+
+def split_metrics(outputs: np.ndarray, labels, settings: Settings) -> tuple[dict[str, float], str]:
+    """Held-out loss per response token (primary; a ratio of sums, not a mean over examples) and its perplexity."""
+    loss = float(outputs[:, 0].sum() / outputs[:, 1].sum())
+    return {"loss": loss, "perplexity": math.exp(loss), "eval_tokens": float(outputs[:, 1].sum())}, "loss"
 
 
 @torch.no_grad()
@@ -247,10 +247,6 @@ def generate(accelerator, model: torch.nn.Module, tokenizer, dev: datasets.Datas
     return {"rougeL": sum(scores) / n, "empty_rate": empty / n, "runaway_rate": runaway / n, "generated": float(n)} if n else {}
 
 
-def evaluate(accelerator, model: torch.nn.Module, loader, settings: Settings, tokenizer) -> tuple[dict[str, float], str]:
-    """Held-out loss per response token and its perplexity (primary: loss), plus ROUGE-L when asked for."""
-    loss, tokens = response_loss(accelerator, model, loader)
-    metrics = {"loss": loss, "perplexity": math.exp(loss), "eval_tokens": float(tokens)}
-    if settings.task.generate_examples:
-        metrics.update(generate(accelerator, model, tokenizer, loader.dataset, settings.task))
-    return metrics, "loss"
+def extra_metrics(accelerator, model: torch.nn.Module, tokenizer, dev: datasets.Dataset, settings: Settings) -> dict[str, float]:
+    """ROUGE-L of greedy generations, when asked for."""
+    return generate(accelerator, model, tokenizer, dev, settings.task) if settings.task.generate_examples else {}

@@ -1,4 +1,4 @@
-"""Run records: one JSON file per run, named by a stable hash of what defines the experiment.
+"""Run records: one JSON file per run, named by its run id (lora_sweep.identity).
 
 Writes are atomic (temporary file, fsync, rename) so a reader never sees a torn record and a run
 killed mid-way leaves no `done` record. A per-run file lock (flock, which the OS releases when a
@@ -10,9 +10,7 @@ A failed run's traceback goes to `logs/<run_id>.log`; the record keeps one line.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import platform
@@ -27,42 +25,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_sweep.files import follow_umask
-from lora_sweep.settings import MethodSettings, Settings
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: identity of lora_sweep.identity, per-example outputs, tuning split, token counts
 STATUSES = ("done", "failed", "diverged")
-REQUIRED = ("run_id", "status", "task", "model", "method")  # the fields every reader of a record relies on
+REQUIRED = ("run_id", "status", "task", "model", "method")  # the fields every reader of a record of any schema relies on
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core", "lora-sweep")
-_LORA_ONLY = ("r", "alpha", "alpha_policy", "alpha_ratio", "use_rslora", "dropout", "targets", "use_dora", "init", "match_budget")
-# Settings that change how a run is executed or reported but not its result.
-_NOT_IDENTITY = {"train": ("threads", "device", "eval_batch_size", "log_every", "memory_probe", "save_adapter"), "task": ("data_dir",)}
-
-
-def method_identity(method: MethodSettings) -> dict[str, Any]:
-    """The method fields that matter: LoRA fields mean nothing for full fine-tuning."""
-    fields = dataclasses.asdict(method)
-    if method.name == "full":
-        fields = {k: v for k, v in fields.items() if k not in _LORA_ONLY}
-    return fields
-
-
-def identity(settings: Settings, device: str, source: str) -> dict[str, Any]:
-    """Everything that defines one experiment's result; equal identities share one run id."""
-    train = {k: v for k, v in dataclasses.asdict(settings.train).items() if k not in _NOT_IDENTITY["train"]}
-    task = {k: v for k, v in dataclasses.asdict(settings.task).items() if k not in _NOT_IDENTITY["task"]}
-    task["source"] = source
-    return {
-        "model": {"name_or_path": settings.model.name_or_path, "revision": settings.model.revision},
-        "task": task,
-        "method": method_identity(settings.method),
-        "train": train,
-        "device": device,
-    }
-
-
-def run_id(ident: dict[str, Any]) -> str:
-    canonical = json.dumps(ident, sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def record_path(results_dir: str | Path, rid: str) -> Path:

@@ -27,7 +27,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 TARGET_PRESETS = ("qv", "qkvo", "mlp", "all_linear")
 ALPHA_POLICIES = ("fixed", "ratio")
-INIT_CHOICES = ("true", "false", "gaussian", "eva", "olora", "pissa", "orthogonal")
+INIT_CHOICES = ("true", "false", "gaussian", "olora", "pissa", "orthogonal")  # not eva: it needs a data pass before training
 
 
 def _check(ok: bool, message: str) -> None:
@@ -50,6 +50,8 @@ class TaskSettings:
     data_dir: str | None = None  # local data folder; else $GLUE_DIR / $INSTRUCT_DIR; else ../shared/data/{glue,instruct}
     max_train_examples: int | None = None  # cap on training examples (first N of a seeded shuffle)
     max_eval_examples: int | None = None  # cap on eval examples (first N, unshuffled)
+    tune_examples: int = 1000  # training examples held out as the tuning split: every choice is made there, never on eval
+    tune_seed: int = 4321  # seed of the permutation that picks the tuning split (the same for every run seed)
     # Instruction tasks only:
     heldout_examples: int = 200  # examples held out for evaluation (a seeded split, recorded)
     split_seed: int = 1234
@@ -64,6 +66,7 @@ class TaskSettings:
             value = getattr(self, key)
             _check(value is None or value >= 1, f"task.{key}={value} must be at least 1 (or null for all)")
         _check(self.heldout_examples >= 1, f"task.heldout_examples={self.heldout_examples} must be >= 1")
+        _check(self.tune_examples >= 1, f"task.tune_examples={self.tune_examples} must be >= 1: choices are made on the tuning split")
         _check(self.template in ("alpaca", "chat"), f"task.template={self.template!r} is unknown; use alpaca or chat")
         _check(self.generate_examples >= 0 and self.max_new_tokens >= 1,
                "task.generate_examples must be >= 0 and task.max_new_tokens >= 1")
@@ -93,6 +96,8 @@ class MethodSettings:
         _check(self.alpha_policy in ALPHA_POLICIES, f"method.alpha_policy={self.alpha_policy!r} is unknown; use one of {', '.join(ALPHA_POLICIES)}")
         _check(self.effective_alpha > 0, f"method alpha={self.effective_alpha} must be > 0")
         _check(0 <= self.dropout < 1, f"method.dropout={self.dropout} must be in [0, 1)")
+        _check(str(self.init).lower() != "eva", "method.init=eva is not supported (PEFT's EVA initialisation needs a pass over "
+               f"the training data before training); use one of {', '.join(INIT_CHOICES)}")
         _check(str(self.init).lower() in INIT_CHOICES, f"method.init={self.init!r} is unknown; use one of {', '.join(INIT_CHOICES)}")
         if isinstance(self.targets, str):
             _check(self.targets in TARGET_PRESETS, f"method.targets={self.targets!r} is not a preset; use one of {', '.join(TARGET_PRESETS)} or a list of module names")
@@ -120,7 +125,10 @@ class TrainSettings:
     max_steps: int = 150  # optimizer steps; -1 to train for `epochs` instead
     epochs: float = 1.0
     warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW's, on weight matrices only (not on biases and normalisation weights)
+    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 = off
+    group_by_length: bool = True  # length-grouped batches (little padding); false: random batches
+    divergence_factor: float = 4.0  # diverged when the mean loss of the last 10 steps exceeds this x the first step's
     max_seq_len: int = 64  # truncation length; batches are padded dynamically
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave torch's default
@@ -137,6 +145,8 @@ class TrainSettings:
                f"train.max_steps={self.max_steps} must be >= 1, or -1 with train.epochs > 0")
         _check(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _check(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
+        _check(self.divergence_factor > 1, f"train.divergence_factor={self.divergence_factor} must be > 1")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} is not allowed; use auto, cpu or cuda")
 
 

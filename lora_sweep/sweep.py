@@ -16,6 +16,7 @@ callback cannot set the exit status. So:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -72,6 +73,12 @@ def compose_job(config_name: str, overrides: list[str]) -> settings_module.Setti
     return settings_module.from_config(cfg)
 
 
+def sweep_token(sweep_dir: str) -> str:
+    """A short name for one sweep (its output folder), stored in its records: a run already attempted in this
+    sweep (a baseline shared by several LoRA jobs) is not attempted again by each of them."""
+    return hashlib.sha256(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:12]
+
+
 def start(argv: list[str]) -> Sweep | None:
     """Check and prepare the sweep the command line `argv` asks for; None if it asks for no sweep.
 
@@ -101,9 +108,10 @@ def start(argv: list[str]) -> Sweep | None:
             baseline = experiment.baseline_settings(plan.settings)
             baselines.setdefault(experiment.plan(baseline).run_id, baseline)
     print(f"[sweep] {len(plans)} runs ({len({p.run_id for p in plans})} distinct) and {len(baselines)} full-FT baseline(s)")
+    _say_what_is_reused(plans, list(baselines))
     if config.hydra.launcher._target_.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS:
         for baseline in baselines.values():
-            experiment.run(baseline)
+            experiment.run(baseline, sweep=sweep_token(config.hydra.sweep.dir))
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     # written once the jobs are about to start: their ETA clock
@@ -168,6 +176,18 @@ class SweepCallback(Callback):
         elapsed = time.time() - plan["started"]
         eta = elapsed / done * (plan["jobs"] - done)
         print(f"[sweep] run {done} of {plan['jobs']} finished · elapsed {_clock(elapsed)} · ETA {_clock(eta)}")
+
+
+def _say_what_is_reused(plans: list, baseline_ids: list[str]) -> None:
+    """A sweep whose records exist finishes in seconds: say so, and how to train again, so that is not read as "nothing happened"."""
+    from lora_sweep import records
+
+    results_dir = plans[0].settings.results_dir
+    ids = set(baseline_ids) | {p.run_id for p in plans}
+    done = [rid for rid in ids if (records.read_record(results_dir, rid) or {}).get("status") == "done"]
+    if done and not plans[0].settings.rerun:
+        print(f"[sweep] {len(done)} of these {len(ids)} runs already have a done record in {results_dir}: they are reused, not "
+              f"trained again (to train everything again: add rerun=true, or use another results_dir)")
 
 
 def _clock(seconds: float) -> str:

@@ -1,7 +1,9 @@
-"""The training and evaluation loop: accelerate + AdamW with linear warmup/decay, nothing home-made beyond the loop.
+"""The training loop: accelerate + AdamW with linear warmup/decay, gradient clipping and a divergence guard.
 
 An explicit loop (rather than transformers' Trainer) because the memory probe has to wrap exactly one
-optimizer step and the divergence guard has to see every loss; it stays short and reads top to bottom.
+optimizer step, the divergence guard has to see every loss, and the batches come from a plan drawn up
+front (lora_sweep.batching). Optimizer steps are counted here, not by accelerate's accumulation context
+(which also steps at the end of every pass over a dataloader), so a run makes exactly `steps` updates.
 """
 
 from __future__ import annotations
@@ -12,87 +14,135 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
+from scipy import stats
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
+from transformers.trainer_pt_utils import get_parameter_names
 
 from lora_sweep import memory
+from lora_sweep.batching import Plan, load_batch
 from lora_sweep.settings import MethodSettings, TrainSettings
+
+# Parameters that get no weight decay: biases and normalisation weights (the patterns of transformers' Trainer).
+NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+DIVERGENCE_WINDOW = 10  # steps over which the training loss is averaged before it is compared with the first step's
 
 
 @dataclass
 class TrainResult:
     steps: int = 0  # optimizer steps completed
-    diverged_at: int | None = None  # optimizer step whose loss was NaN or infinite
+    diverged_at: int | None = None  # optimizer step at which the divergence guard stopped training
+    divergence: str | None = None  # why
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last log)
+    step_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     samples: int = 0
-    tokens: int = 0  # non-padding tokens seen
+    real_tokens: int = 0  # non-padding tokens seen
+    computed_tokens: int = 0  # tokens computed, padding included
     memory: memory.MemoryProbe | None = None
+    grad_bytes_after_backward: int | None = None  # gradients held when the probed step's backward ends
 
 
-def make_accelerator(train: TrainSettings, device: str) -> Accelerator:
-    return Accelerator(
-        cpu=device == "cpu",
-        mixed_precision="bf16" if device == "cuda" else "no",
-        gradient_accumulation_steps=train.grad_accum,
-    )
+def make_accelerator(device: str) -> Accelerator:
+    return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device == "cuda" else "no")
 
 
-def total_steps(train: TrainSettings, batches_per_epoch: int) -> int:
+def total_steps(train: TrainSettings, examples: int) -> int:
     if train.max_steps > 0:
         return train.max_steps
-    return max(1, math.ceil(train.epochs * batches_per_epoch / train.grad_accum))
+    return max(1, math.ceil(train.epochs * math.ceil(examples / train.batch_size) / train.grad_accum))
 
 
-def _batches(loader: DataLoader):
-    """Batches forever, epoch after epoch (the sampler reshuffles each epoch)."""
-    while True:
-        yield from loader
+def optimizer_for(model: nn.Module, method: MethodSettings, train: TrainSettings) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with weight decay on weight matrices only."""
+    decay = set(get_parameter_names(model, [nn.LayerNorm], NO_DECAY))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": train.weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=method.lr)
+
+
+def divergence(losses: list[float], factor: float) -> str | None:
+    """Why training has run away, or None: a NaN/inf loss, or the mean of the last steps' losses above
+    `factor` times the first step's loss (the loss of the untrained model)."""
+    if not math.isfinite(losses[-1]):
+        return f"loss became NaN or infinite at step {len(losses)}"
+    recent = float(np.mean(losses[-DIVERGENCE_WINDOW:]))
+    if losses[0] > 0 and recent > factor * losses[0]:
+        return (f"training loss ran away at step {len(losses)}: mean of the last {min(len(losses), DIVERGENCE_WINDOW)} "
+                f"steps {recent:.4g} > {factor:g} x the first step's {losses[0]:.4g}")
+    return None
+
+
+def loss_trend(losses: list[float]) -> dict[str, float | bool | None]:
+    """Slope of the training loss over the last quarter of training (per 100 steps) and its standard error:
+    a loss still falling significantly at the end means the budget, not the rank, may limit the result."""
+    tail = losses[-max(len(losses) // 4, 1):]
+    ends = {"initial_loss": losses[0] if losses else None,
+            "final_loss": float(np.mean(losses[-DIVERGENCE_WINDOW:])) if losses else None, "tail_steps": len(tail)}
+    if len(tail) < 3:
+        return {**ends, "slope_per_100_steps": None, "slope_se": None, "still_improving": None}
+    fit = stats.linregress(np.arange(len(tail)), tail)
+    slope, se = 100 * fit.slope, 100 * fit.stderr
+    return {**ends, "slope_per_100_steps": slope, "slope_se": se, "still_improving": bool(slope + 1.96 * se < 0)}
 
 
 def fit(
     accelerator: Accelerator,
-    model: torch.nn.Module,
-    loader: DataLoader,
+    model: nn.Module,
+    dataset,
+    collate: Callable,
+    plan: Plan,
     method: MethodSettings,
     train: TrainSettings,
     on_log: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place for the configured number of optimizer steps."""
-    steps = total_steps(train, len(loader))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=method.lr, weight_decay=train.weight_decay)
+    """Train `model` in place: one optimizer step per `train.grad_accum` micro-batches of the plan."""
+    steps = len(plan.batches) // train.grad_accum
+    optimizer = optimizer_for(model, method, train)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(train.warmup_ratio * steps), steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    probe_step = min(2, steps)  # step 2 has optimizer state allocated: the steady-state peak
+    model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
     result = TrainResult()
     window: list[float] = []
     model.train()
-    batches = _batches(loader)
     progress = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
+
+    def forward_backward(micro: list[int]) -> float:
+        batch = load_batch(dataset, micro, collate, accelerator.device)
+        loss = model(**batch).loss
+        accelerator.backward(loss / train.grad_accum)
+        result.samples += len(micro)
+        result.real_tokens += int(batch["attention_mask"].sum())
+        result.computed_tokens += batch["input_ids"].numel()
+        return loss.item() / train.grad_accum
+
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        probing = train.memory_probe and step == probe_step
+        probing = train.memory_probe and step == plan.probe_step
+        micros = plan.batches[(step - 1) * train.grad_accum:step * train.grad_accum]
+        step_loss = sum(forward_backward(micro) for micro in micros[:-1])
+        # The probe wraps the step's last micro-batch (the plan puts its longest there) and the update: the
+        # gradients accumulated before it are live and counted. MemTracker follows one forward per module only.
         with memory.probe(model, optimizer, accelerator.device) if probing else nullcontext() as probe:
-            step_loss = 0.0
-            for _ in range(train.grad_accum):
-                batch = next(batches)
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.item() / train.grad_accum
-                result.samples += batch["input_ids"].shape[0]
-                result.tokens += int(batch["attention_mask"].sum())
+            step_loss += forward_backward(micros[-1])
+            if probing:
+                result.grad_bytes_after_backward = sum(p.grad.nbytes for p in params if p.grad is not None)
+            if train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         if probing:
             result.memory = probe
-        if not math.isfinite(step_loss):
-            result.diverged_at = step
+        result.step_losses.append(step_loss)
+        why = divergence(result.step_losses, train.divergence_factor)
+        if why:
+            result.diverged_at, result.divergence = step, why
             break
         result.steps = step
         window.append(step_loss)
