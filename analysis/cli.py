@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_sweep.errors import UserError
+from lora_sweep.errors import UserError, file_errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     from analysis import report
 
     try:
-        path = report.write(Path(args.results_dir) / "runs", args.tolerance)
+        with file_errors():
+            path = report.write(Path(args.results_dir) / "runs", args.tolerance)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

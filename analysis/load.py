@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from lora_sweep import records
 from lora_sweep.errors import UserError
 from lora_sweep.metrics import metric_info
 from lora_sweep.records import SCHEMA_VERSION
@@ -84,7 +86,8 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_records(records_dir: str | Path, run_ids: list[str] | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """All readable records of a folder (or just `run_ids`) as a DataFrame, and a note for each file skipped."""
+    """All readable records of a folder (or just `run_ids`) as a DataFrame, and a note for each file skipped (also
+    printed: a damaged record is moved to corrupt/ and the analysis carries on without it)."""
     folder = Path(records_dir)
     if not folder.is_dir():
         raise UserError(f"no results folder at {folder}; run a sweep first (e.g. `lora-sweep +sweep=quick`)")
@@ -92,15 +95,21 @@ def load_records(records_dir: str | Path, run_ids: list[str] | None = None) -> t
     rows, skipped = [], []
     for path in paths:
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            skipped.append(f"{path.name}: unreadable ({type(exc).__name__})")
+            record = records.load(path)
+        except records.DamagedRecord as exc:
+            skipped.append(str(exc))
             continue
-        version = record.get("schema_version")
-        if version != SCHEMA_VERSION:
-            skipped.append(f"{path.name}: schema version {version}, this analysis reads version {SCHEMA_VERSION}")
+        except OSError as exc:
+            skipped.append(f"{path.name}: unreadable ({exc.strerror or type(exc).__name__})")
             continue
-        rows.append(_row(record))
+        if record is None:
+            skipped.append(f"{path.name}: no such file")
+        elif record.get("schema_version") != SCHEMA_VERSION:
+            skipped.append(f"{path.name}: schema version {record.get('schema_version')}, this analysis reads version {SCHEMA_VERSION}")
+        else:
+            rows.append(_row(record))
+    for note in skipped:
+        print(f"warning: skipped {note}", file=sys.stderr)
     if not rows:
-        raise UserError(f"no readable run records in {folder}" + (f" ({'; '.join(skipped)})" if skipped else ""))
+        raise UserError(f"no readable run records in {folder}" + (f" ({len(skipped)} skipped, listed above)" if skipped else ""))
     return pd.DataFrame(rows), skipped

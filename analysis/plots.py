@@ -116,10 +116,10 @@ def memory_split(points, full, title, folder, name) -> Path:
     series = points["series"].value_counts().index[0]
     rows = points[points["series"] == series].sort_values("r")
     labels = [f"r={int(r)}" for r in rows["r"]]
-    bars = [rows[[f"mem_{k}_mib_mean" for k in SPLIT]].fillna(0).to_numpy()]
+    bars = [rows.reindex(columns=[f"mem_{k}_mib_mean" for k in SPLIT]).fillna(0).to_numpy()]
     if full is not None:
         labels.append("full FT")
-        bars.append(full[[f"mem_{k}_mib_mean" for k in SPLIT]].fillna(0).to_numpy(float)[None, :])
+        bars.append(full.reindex([f"mem_{k}_mib_mean" for k in SPLIT]).fillna(0).to_numpy(float)[None, :])
     values = np.vstack(bars)
     grads = rows["grad_after_backward_mib_mean"].tolist() + ([full["grad_after_backward_mib_mean"]] if full is not None else [])
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +68,31 @@ METHOD_NOTE = (
 
 
 def write(records_dir: str | Path, tolerance: float | None = None) -> Path:
-    """Analyse the records in `records_dir` and write everything beside it (its parent folder); returns the report's path."""
-    out = Path(records_dir).parent
+    """Analyse the records in `records_dir` and write everything beside it (its parent folder); returns the report's path.
+
+    Everything is written into a hidden folder there first and moved into place at the end, so a killed analysis
+    leaves either the earlier outputs or no report at all, never a report that disagrees with its tables."""
     df, skipped = load_records(records_dir)
+    dest = Path(records_dir).parent
+    stage = Path(tempfile.mkdtemp(dir=dest, prefix=".analysis-"))
+    try:
+        _write(df, skipped, stage, tolerance)
+        _publish(stage, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return dest / "report.md"
+
+
+def _publish(stage: Path, dest: Path) -> None:
+    """Move the staged outputs into `dest`: the old report.md goes first and the new one comes last."""
+    (dest / "report.md").unlink(missing_ok=True)
+    for item in sorted(stage.iterdir(), key=lambda p: p.name == "report.md"):
+        if item.is_dir() and (dest / item.name).is_dir():
+            os.replace(dest / item.name, stage / f".old-{item.name}")  # a folder replaces a folder whole: no stale plots
+        os.replace(item, dest / item.name)
+
+
+def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | None) -> Path:
     df.drop(columns="examples").to_parquet(out / "runs.parquet", index=False)
     df.drop(columns="examples").to_csv(out / "runs.csv", index=False)
     agg = aggregate(df)

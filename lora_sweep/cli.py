@@ -1,4 +1,7 @@
-"""`lora-sweep`: the Hydra app. One job = one experiment; `-m` sweeps many (see conf/sweep/)."""
+"""`lora-sweep`: the Hydra app. One job = one experiment; `-m` sweeps many (see conf/sweep/).
+
+Exit status: 0 when every run is done or diverged (a result), 1 when a run failed, 2 for bad input (one
+`error: ...` line; in a sweep, before any job starts)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep import settings as settings_module
-from lora_sweep.errors import UserError, one_line
-from lora_sweep.sweep import sweep_token
+from lora_sweep import sweep
+from lora_sweep.errors import UserError, file_errors, one_line
+
+settings_module.register()  # on import, not in main(): launchers run `app` in processes of their own, which import this module
 
 
 def _parallel_jobs() -> int:
@@ -31,9 +36,10 @@ def app(cfg: DictConfig) -> float | None:
 
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        settings = settings_module.from_config(cfg)
-        record = experiment.run(settings, parallel_jobs=_parallel_jobs() if multirun else 1,
-                                sweep=sweep_token(HydraConfig.get().sweep.dir) if multirun else None)
+        with file_errors():
+            settings = settings_module.from_config(cfg)
+            record = experiment.run(settings, parallel_jobs=_parallel_jobs() if multirun else 1,
+                                    sweep=sweep.sweep_token(HydraConfig.get().sweep.dir) if multirun else None)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if multirun:
@@ -41,19 +47,28 @@ def app(cfg: DictConfig) -> float | None:
         sys.exit(2)
     print(f"[lora-sweep] {record['run_id']}: {record['status']}"
           + (f", {record['primary_metric']}={record['primary_value']:.4f}" if record["status"] == "done" else f" ({record['error']})"))
-    if record["status"] != "done" and not multirun:
+    if record["status"] == "failed" and not multirun:  # a diverged run is a result
         sys.exit(1)
     return record.get("primary_value")
 
 
 def main() -> None:
-    settings_module.register()
+    """One run (Hydra's run), or a sweep: checked whole by sweep.start before Hydra's multirun launches any job,
+    and its exit status set by sweep.finish once every job has ended."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # composition errors reach us whole, to be printed as one line
     try:
-        app()
+        with file_errors():
+            planned = sweep.start(sys.argv[1:])
+            app()
+            status = sweep.finish(planned) if planned else 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except (HydraException, OmegaConfBaseException) as exc:  # unknown option, wrong type, unparseable override
         print(f"error: {_with_options(one_line(exc))}", file=sys.stderr)
         sys.exit(2)
+    if status:
+        sys.exit(status)
 
 
 def _with_options(message: str) -> str:

@@ -22,6 +22,7 @@ import datasets
 import torch
 
 from lora_sweep.errors import UserError
+from lora_sweep.files import follow_umask
 from lora_sweep.identity import task_identity
 from lora_sweep.settings import Settings, TaskSettings
 
@@ -43,6 +44,11 @@ def split(train: datasets.Dataset, dev: datasets.Dataset, task: TaskSettings, se
     return datasets.DatasetDict({"train": train, "tune": tune, "dev": dev})
 
 
+def tokenizer_id(settings: Settings) -> str:
+    """The tokenizer as the cache key names it: the model it comes with."""
+    return f"{settings.model.name_or_path}@{settings.model.revision}"
+
+
 def cache_key(family, settings: Settings, source: str, tokenizer_id: str) -> str:
     seed = settings.train.seed if settings.task.max_train_examples else None  # the seed only picks a capped subset
     parts = {"task": task_identity(settings.task, family.data_identity(settings.task, source)), "tokenizer": tokenizer_id,
@@ -58,6 +64,7 @@ def prepare(family, settings: Settings, source: str, tokenizer, tokenizer_id: st
     tokenized = family.build(settings, source, tokenizer)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-")
+    follow_umask(tmp)
     tokenized.save_to_disk(tmp)
     try:
         os.replace(tmp, folder)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
 from lora_sweep import adapters, batching, data, glue, identity, instruct, records
-from lora_sweep.errors import UserError
+from lora_sweep.errors import UserError, file_errors, one_line
 from lora_sweep.evaluation import evaluate_split
 from lora_sweep.hub import model_source, resolve_model
 from lora_sweep.settings import MethodSettings, Settings
@@ -145,25 +145,36 @@ def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: 
         "baseline_run_id": baseline["run_id"] if baseline else None,
         "baseline_status": baseline["status"] if baseline else None,
         "identity": p.identity,
-        "config": dataclasses.asdict(s),
+        "config": _recorded_config(s),
         "environment": records.environment(p.device, threads),
     }
 
 
+def _recorded_config(s: Settings) -> dict[str, Any]:
+    """The settings as a record keeps them: its folders relative to the record's own (records.portable)."""
+    config = dataclasses.asdict(s)
+    for key in ("results_dir", "cache_dir", "artifacts_dir"):
+        config[key] = records.portable(config[key], s.results_dir)
+    config["task"]["data_dir"] = records.portable(s.task.data_dir, s.results_dir)
+    return config
+
+
 def execute(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: str | None = None) -> dict[str, Any]:
-    """Train and evaluate; always returns a record. Bad input is recorded as failed, then re-raised."""
+    """Train and evaluate; always returns a record. Bad input (a full disk included) is recorded as failed, then re-raised."""
     record = _base_record(p, baseline, threads, sweep)
     tracker = None
     try:
-        torch.set_num_threads(threads)
-        tracker = Tracker(p.settings, p.run_id, record["config"])
-        record.update(_train_and_measure(p, tracker))
+        with file_errors():
+            torch.set_num_threads(threads)
+            tracker = Tracker(p.settings, p.run_id, record["config"])
+            record.update(_train_and_measure(p, tracker))
     except UserError as exc:
         record.update(status="failed", error=str(exc))
         records.write_record(p.settings.results_dir, _finished(record))
         raise
-    except Exception as exc:  # an error in one run is its result; the sweep goes on
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+    except Exception as exc:  # an error in one run is its result; the sweep goes on. Its traceback goes to a log.
+        record.update(status="failed", error=f"{type(exc).__name__}: {one_line(exc)}",
+                      log=records.write_log(p.settings.results_dir, p.run_id, traceback.format_exc()))
     _finished(record)
     if tracker:
         tracker.finish(record)
@@ -185,7 +196,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     counts = adapters.count_parameters(model, base_total, p.method.name)
 
     start = time.perf_counter()
-    tokens, cached = data.prepare(p.family, s, p.source, tokenizer, f"{s.model.name_or_path}@{s.model.revision}")
+    tokens, cached = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
     prep_seconds = time.perf_counter() - start
 
     collate = p.family.collator(tokenizer)
@@ -248,8 +259,8 @@ def _memory_fields(device: str, result) -> dict[str, Any]:
 
 
 def _save(model: torch.nn.Module, p: Plan) -> dict[str, Any]:
-    """Save the adapter (LoRA) or the whole model (full FT) and return where and how many bytes."""
-    folder = Path(p.settings.results_dir).resolve().parent / "artifacts" / p.run_id
+    """Save the adapter (LoRA) or the whole model (full FT) in artifacts_dir; return where (relative to the record) and how many bytes."""
+    folder = Path(p.settings.artifacts_dir) / p.run_id
     model.save_pretrained(folder)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
-    return {"path": str(folder), "bytes": size}
+    return {"path": records.portable(folder, p.settings.results_dir), "bytes": size}

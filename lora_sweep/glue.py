@@ -76,14 +76,22 @@ def glue_dir(task: TaskSettings) -> Path:
 
 
 def resolve_source(task: TaskSettings) -> str:
-    """'local' or 'hub', deciding `auto` by whether the local train file exists."""
+    """'local' or 'hub', deciding `auto` by whether the local train file exists; a folder the user named
+    (task.data_dir) must hold the task: it is never passed over for the hub."""
     spec = task_spec(task.name)
     if spec.dev_file is None and task.source == "local":
         raise UserError(f"GLUE task {task.name} is read from the hub only; use task.source=auto or hub")
-    if task.source != "auto":
-        return task.source
-    local = spec.dev_file is not None and (glue_dir(task) / spec.folder / "train.tsv").is_file()
-    return "local" if local else "hub"
+    if task.source == "hub" or spec.dev_file is None:
+        return "hub"
+    folder = glue_dir(task) / spec.folder
+    if (folder / "train.tsv").is_file():
+        return "local"
+    if task.source == "local" or task.data_dir:
+        named = f"task.data_dir={task.data_dir}" if task.data_dir else "$GLUE_DIR" if os.environ.get("GLUE_DIR") else "the default data folder"
+        advice = "point task.data_dir at" if task.data_dir else "set task.data_dir or GLUE_DIR to"
+        raise UserError(f"no GLUE {spec.folder}/train.tsv in {folder} (from {named}); {advice} a folder holding "
+                        f"{spec.folder}/, or use task.source=hub")
+    return "hub"
 
 
 def _parse_label(spec: GlueTask, raw: str, where: str) -> int | float:
@@ -110,21 +118,38 @@ def read_tsv(spec: GlueTask, path: Path) -> datasets.Dataset:
         columns["text_b"] = []
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for line_no, row in enumerate(reader, start=1):
-            if spec.header and line_no == 1:
-                continue
-            where = f"{path} line {line_no}"
-            if len(row) != spec.columns:
-                raise UserError(f"{where}: expected {spec.columns} tab-separated columns, found {len(row)}")
-            columns["text_a"].append(row[spec.text_a])
-            if spec.text_b is not None:
-                columns["text_b"].append(row[spec.text_b])
-            columns["label"].append(_parse_label(spec, row[spec.label], where))
+        try:
+            for line_no, row in enumerate(reader, start=1):
+                if spec.header and line_no == 1:
+                    continue
+                where = f"{path} line {line_no}"
+                if len(row) != spec.columns:
+                    raise UserError(f"{where}: expected {spec.columns} tab-separated columns, found {len(row)}")
+                columns["text_a"].append(row[spec.text_a])
+                if spec.text_b is not None:
+                    columns["text_b"].append(row[spec.text_b])
+                columns["label"].append(_parse_label(spec, row[spec.label], where))
+        except UnicodeDecodeError as exc:  # decoded ahead in blocks: find the line in the bytes
+            raise UserError(f"{path} line {_undecodable_line(path)}: not UTF-8 text ({exc.reason}); "
+                            f"a GLUE file is tab-separated text") from None
+        except csv.Error as exc:  # e.g. a "line" longer than csv allows: a binary file
+            raise UserError(f"{path} line {reader.line_num}: {exc}; a GLUE file is tab-separated text") from None
     if not columns["label"]:
         raise UserError(f"GLUE file {path} has no data rows")
     label_type = datasets.Value("float32" if spec.num_labels == 1 else "int64")
     features = datasets.Features({**{k: datasets.Value("string") for k in columns if k != "label"}, "label": label_type})
     return datasets.Dataset.from_dict(columns, features=features)
+
+
+def _undecodable_line(path: Path) -> int:
+    """The number of the first line of `path` that is not UTF-8."""
+    with open(path, "rb") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return 0
 
 
 def _load_hub(spec: GlueTask) -> datasets.DatasetDict:

@@ -16,7 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lora_sweep.errors import UserError
+from lora_sweep.errors import UserError, one_line
+from lora_sweep.files import follow_umask
 
 PACKAGE_PREFIX = "package:"  # package:<module>: the folder its get_model_path() returns
 GGUF_PREFIX = "gguf:"  # gguf:<module>/<file>: a GGUF file inside an installed package, converted once to safetensors
@@ -68,6 +69,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     model.load_state_dict(loaded.state_dict(), strict=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    follow_umask(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
@@ -129,10 +131,38 @@ def resolve_model(name_or_path: str, cache_dir: str | Path) -> str:
             print(f"[lora-sweep] converting {gguf.name} to safetensors in {folder} (once)")
             convert_gguf(gguf, folder)
         return str(folder)
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        _check_model_folder(folder, name_or_path)
+        return str(folder)
+    if _is_local_path(name_or_path):
+        raise UserError(f"model.name_or_path={name_or_path}: no such folder; give a folder holding a saved model "
+                        f"(what save_pretrained writes) or a hub id such as FacebookAI/roberta-base")
     require_hub(f"model {name_or_path!r}", "model=minilm_l6 (the embedded model) or model.name_or_path=<a local folder>")
     return name_or_path
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether `name` can only mean a folder, never a hub id (`name` or `org/name`): it starts with /, . or ~,
+    has a separator beyond org/name's one, or its parent folder exists here."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        return True
+    return Path(name).parent != Path(".") and Path(name).parent.is_dir()
+
+
+def _check_model_folder(folder: Path, name: str) -> None:
+    """A local folder must be a model transformers can load: a config naming its model type, and weights."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model.name_or_path={name} is a folder but not a model: it has no config.json "
+                        f"(a model folder is what save_pretrained writes)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise UserError(f"model.name_or_path={name} holds no weights (*.safetensors or *.bin)")
+    try:
+        AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path={name} is not a model transformers can load: {one_line(exc)}") from None
 
 
 @functools.cache

@@ -67,15 +67,24 @@ def data_dir(task: TaskSettings) -> Path:
 
 
 def resolve_source(task: TaskSettings) -> str:
+    """'local' or 'hub', deciding `auto` by whether the local file exists; a folder the user named (task.data_dir)
+    must hold the task: it is never passed over for the hub."""
     spec = task_spec(task.name)
     local = spec.local_file is not None and (data_dir(task) / spec.local_file).is_file()
     if task.source == "local" and spec.local_file is None:
         raise UserError(f"instruction task {task.name} is read from the hub only ({spec.hub_id}); use task.source=auto or hub")
     if task.source == "hub" and spec.hub_id is None:
         raise UserError(f"instruction task {task.name} has no hub dataset; use task.source=auto or local")
-    if task.source != "auto":
-        return task.source
-    return "local" if local or spec.hub_id is None else "hub"
+    if task.source == "hub":
+        return "hub"
+    if local:
+        return "local"
+    if task.source == "local" or task.data_dir or spec.hub_id is None:
+        raise UserError(f"no {spec.local_file} in {data_dir(task)}"
+                        + (f" (from task.data_dir={task.data_dir}); point task.data_dir at a folder holding it" if task.data_dir
+                           else "; set task.data_dir or INSTRUCT_DIR to a folder holding it")
+                        + (", or use task.source=hub" if spec.hub_id else ""))
+    return "hub"
 
 
 def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Module:
@@ -111,7 +120,12 @@ def read_local(name: str, path: Path) -> list[dict[str, str]]:
     """Examples of a local file: Alpaca's JSON list, or the Self-Instruct seed tasks (each instance one example)."""
     if not path.is_file():
         raise UserError(f"instruction file {path} not found; set task.data_dir or INSTRUCT_DIR, or use task.source=hub")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line_no}: not UTF-8 text ({exc.reason}); an instruction file is JSON text") from None
     try:
         if name == "self_instruct":
             rows = []

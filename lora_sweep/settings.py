@@ -8,6 +8,9 @@ OmegaConf builds these dataclasses with missing values while composing).
 
 from __future__ import annotations
 
+import functools
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,10 +169,12 @@ class Settings:
     baseline: MethodSettings = field(default_factory=MethodSettings)  # the full-FT method every LoRA run is paired with
     train: TrainSettings = field(default_factory=TrainSettings)
     logger: LoggerSettings = field(default_factory=LoggerSettings)
-    results_dir: str = "results/runs"
-    cache_dir: str = ".cache/lora_sweep"
+    results_dir: str = "results/runs"  # the run records (and their history/, logs/, corrupt/ folders)
+    cache_dir: str = ".cache/lora_sweep"  # tokenized data, converted models, Hydra's own output folders
+    artifacts_dir: str = "${results_dir}/artifacts"  # saved adapters and models (train.save_adapter)
     pair_baseline: bool = True  # ensure the paired full-FT run before each LoRA run
     rerun: bool = False  # run again even if a `done` record exists
+    analyze: bool = False  # sweeps: write the analysis report beside results_dir when the sweep ends
 
     def validate(self) -> None:
         for part in (self.task, self.method, self.baseline, self.train, self.logger):
@@ -177,9 +182,18 @@ class Settings:
         _check(self.baseline.name == "full", f"baseline must be a full fine-tuning method, not {self.baseline.name!r}")
 
 
+@functools.cache
+def _stamp() -> str:
+    """Date, time and a random suffix, drawn once per process: two sweeps started in the same second get folders of their own."""
+    return time.strftime("%Y-%m-%d/%H-%M-%S-") + uuid.uuid4().hex[:6]
+
+
 def register() -> None:
-    """Make `Settings` the schema Hydra validates `conf/config.yaml` against."""
+    """Make `Settings` the schema Hydra validates `conf/config.yaml` against, and `${stamp:}` (conf/config.yaml's
+    output folders) resolvable. Hydra copies a resolved value into each job's config (as it does `${now:}`), so
+    jobs in other processes name the folder the sweep's own process named."""
     ConfigStore.instance().store(name="settings_schema", node=Settings)
+    OmegaConf.register_new_resolver("stamp", _stamp, use_cache=True, replace=True)
 
 
 def from_config(cfg: DictConfig) -> Settings:

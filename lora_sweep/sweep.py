@@ -1,11 +1,17 @@
-"""Sweep-level work Hydra's sweepers leave to us, as a Hydra callback (registered in conf/config.yaml).
+"""Sweep-level work Hydra's sweepers leave to us, done by `lora-sweep` itself around Hydra's multirun (cli.main).
 
-- before any job: expand the grid exactly as Hydra's BasicSweeper will, compose and check every job
-  (types, values, targets, rank, data source), and refuse an empty grid: one error line, exit 2;
-- run the full-FT baselines the grid needs first, when jobs run on this machine (basic or joblib
-  launcher), so parallel jobs never sit waiting on one; on a cluster the per-run lock does this;
-- after each job: progress across the sweep (run k of n, elapsed, ETA), from a shared progress file;
-- at the end: a compact table of the sweep's runs against full FT, then the analysis if asked.
+Not in Hydra callbacks: Hydra turns a callback's exception into a warning and launches the jobs anyway, and a
+callback cannot set the exit status. So:
+
+- start, before any job: expand the grid exactly as Hydra's BasicSweeper will, compose and check every job
+  (types, values, targets, rank, data source), read each distinct data set once into the token cache the runs
+  load it from, check that the output folders can be written, and refuse an empty grid: any problem is one
+  error line and exit 2, with no job started. Then run the full-FT baselines the grid needs, when jobs run on
+  this machine (basic or joblib launcher), so parallel jobs never sit waiting on one; on a cluster the per-run
+  lock does this.
+- after each job (SweepCallback, in the job's process): progress across the sweep (run k of n, elapsed, ETA).
+- finish, after the last job: a compact table of the sweep's runs against full FT, the analysis if asked, and
+  the exit status: 1 if any run failed or left no record, else 0 (a diverged run is a result).
 """
 
 from __future__ import annotations
@@ -14,12 +20,16 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hydra import compose
+from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -31,9 +41,21 @@ from omegaconf.errors import OmegaConfBaseException
 from lora_sweep import settings as settings_module
 from lora_sweep.errors import UserError, one_line
 
+if TYPE_CHECKING:
+    from lora_sweep.experiment import Plan
+
 LOCAL_LAUNCHERS = ("BasicLauncher", "JoblibLauncher")
 PLAN_FILE = "sweep_plan.json"
 PROGRESS_FILE = "sweep_progress.jsonl"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A checked sweep: where its records go, the runs it must leave (baselines first), and whether to analyse them."""
+
+    results_dir: str
+    run_ids: list[str]
+    analyze: bool
 
 
 def job_overrides(config: DictConfig) -> list[list[str]]:
@@ -52,53 +74,100 @@ def compose_job(config_name: str, overrides: list[str]) -> settings_module.Setti
 
 
 def sweep_token(sweep_dir: str) -> str:
-    """A short name for one sweep (its output folder), stored in its records: a baseline that failed in this
-    sweep is not retried by each of its LoRA jobs."""
+    """A short name for one sweep (its output folder), stored in its records: a run already attempted in this
+    sweep (a baseline shared by several LoRA jobs) is not attempted again by each of them."""
     return hashlib.sha256(str(Path(sweep_dir).resolve()).encode()).hexdigest()[:12]
 
 
-def _fail(exc: UserError) -> None:
-    print(f"error: {exc}", file=sys.stderr)
-    sys.exit(2)
+def start(argv: list[str]) -> Sweep | None:
+    """Check and prepare the sweep the command line `argv` asks for; None if it asks for no sweep.
+
+    The command line is read with Hydra's own parser and composed as Hydra's multirun will compose it."""
+    from lora_sweep import experiment
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return None
+    with initialize_config_dir(config_dir=settings_module.CONF_DIR, version_base="1.3"):
+        config = GlobalHydra.instance().hydra.compose_config(args.config_name or "config", args.overrides, RunMode.MULTIRUN)
+        if not (args.multirun or config.hydra.mode == RunMode.MULTIRUN):
+            return None
+        jobs = job_overrides(config)
+        if not jobs:
+            raise UserError("the sweep grid is empty: every swept key needs at least one value")
+        plans = [experiment.plan(compose_job(config.hydra.job.config_name, job)) for job in jobs]
+    results_dirs = {p.settings.results_dir for p in plans}
+    if len(results_dirs) > 1:
+        raise UserError(f"a sweep writes its records to one results_dir, not {len(results_dirs)}")
+    _read_data(plans)
+    for folder in results_dirs | {p.settings.artifacts_dir for p in plans if p.settings.train.save_adapter}:
+        _check_writable(folder)
+    baselines = {}
+    for plan in plans:
+        if plan.settings.method.name == "lora" and plan.settings.pair_baseline:
+            baseline = experiment.baseline_settings(plan.settings)
+            baselines.setdefault(experiment.plan(baseline).run_id, baseline)
+    print(f"[sweep] {len(plans)} runs ({len({p.run_id for p in plans})} distinct) and {len(baselines)} full-FT baseline(s)")
+    _say_what_is_reused(plans, list(baselines))
+    if config.hydra.launcher._target_.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS:
+        for baseline in baselines.values():
+            experiment.run(baseline, sweep=sweep_token(config.hydra.sweep.dir))
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    # written once the jobs are about to start: their ETA clock
+    (sweep_dir / PLAN_FILE).write_text(json.dumps({"jobs": len(plans), "started": time.time()}))
+    return Sweep(plans[0].settings.results_dir, list(dict.fromkeys([*baselines, *(p.run_id for p in plans)])),
+                 plans[0].settings.analyze)
+
+
+def _read_data(plans: list[Plan]) -> None:
+    """Read every distinct data set once, as the runs will, into the token cache they load it from: a malformed or
+    missing file stops the sweep before any job, at no extra cost (the runs then start from the cached tokens)."""
+    from transformers import AutoTokenizer
+
+    from lora_sweep import data
+
+    seen = set()
+    for p in plans:
+        s = p.settings
+        key = (s.cache_dir, data.cache_key(p.family, s, p.source, data.tokenizer_id(s)))
+        if key not in seen:
+            seen.add(key)
+            tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
+            data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
+
+
+def _check_writable(folder: str) -> None:
+    """Create `folder` and a file in it: an unwritable folder stops the sweep once, before any job."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
+
+
+def finish(sweep: Sweep) -> int:
+    """Print the sweep's table (and write the analysis if asked); return the exit status: 1 if a run failed or left no record."""
+    from analysis import report, tables
+    from lora_sweep import records
+
+    found = {rid: records.read_record(sweep.results_dir, rid) for rid in sweep.run_ids}
+    written = [rid for rid, record in found.items() if record]
+    if written:
+        print(tables.sweep_summary(sweep.results_dir, written))
+        if sweep.analyze:
+            print(f"[sweep] analysis written to {report.write(sweep.results_dir)}")
+    lost = [rid for rid, record in found.items() if not record or record["status"] not in ("done", "diverged")]
+    if lost:
+        print(f"[sweep] {len(lost)} of {len(found)} runs failed or left no record: {', '.join(lost)}", file=sys.stderr)
+    return 1 if lost else 0
 
 
 class SweepCallback(Callback):
-    def __init__(self, analyze: bool = False) -> None:
-        self.analyze = analyze
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from lora_sweep import experiment
-
-        try:
-            jobs = job_overrides(config)
-            if not jobs:
-                raise UserError("the sweep grid is empty: every swept key needs at least one value")
-            plans = [experiment.plan(compose_job(config.hydra.job.config_name, job)) for job in jobs]
-        except UserError as exc:
-            _fail(exc)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        baselines = {}
-        for plan in plans:
-            if plan.settings.method.name == "lora" and plan.settings.pair_baseline:
-                baseline = experiment.baseline_settings(plan.settings)
-                baselines.setdefault(experiment.plan(baseline).run_id, baseline)
-        print(f"[sweep] {len(plans)} runs ({len({p.run_id for p in plans})} distinct) and {len(baselines)} full-FT baseline(s)")
-        _say_what_is_reused(plans, list(baselines))
-        if config.hydra.launcher._target_.rsplit(".", 1)[-1] in LOCAL_LAUNCHERS:
-            for baseline in baselines.values():
-                experiment.run(baseline, sweep=sweep_token(config.hydra.sweep.dir))
-        (sweep_dir / PLAN_FILE).write_text(json.dumps({  # written once the jobs are about to start: their ETA clock
-            "jobs": len(plans), "started": time.time(), "results_dir": plans[0].settings.results_dir,
-            "run_ids": [p.run_id for p in plans], "baseline_ids": list(baselines)}, indent=1))
-
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         sweep_dir = Path(HydraConfig.get().sweep.dir)
         if HydraConfig.get().mode != RunMode.MULTIRUN or not (sweep_dir / PLAN_FILE).is_file():
             return
         plan = json.loads((sweep_dir / PLAN_FILE).read_text())
         line = json.dumps({"job": HydraConfig.get().job.num, "status": str(job_return.status), "at": time.time()}) + "\n"
-        fd = os.open(sweep_dir / PROGRESS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        fd = os.open(sweep_dir / PROGRESS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         try:
             os.write(fd, line.encode())  # one small O_APPEND write: lines from parallel jobs never interleave
         finally:
@@ -107,23 +176,6 @@ class SweepCallback(Callback):
         elapsed = time.time() - plan["started"]
         eta = elapsed / done * (plan["jobs"] - done)
         print(f"[sweep] run {done} of {plan['jobs']} finished · elapsed {_clock(elapsed)} · ETA {_clock(eta)}")
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from analysis import tables
-
-        plan_file = Path(config.hydra.sweep.dir) / PLAN_FILE
-        if not plan_file.is_file():
-            return
-        plan = json.loads(plan_file.read_text())
-        ids = list(dict.fromkeys(plan["baseline_ids"] + plan["run_ids"]))
-        try:
-            print(tables.sweep_summary(plan["results_dir"], ids))
-            if self.analyze:
-                from analysis import report
-
-                print(f"[sweep] analysis written to {report.write(plan['results_dir'])}")
-        except UserError as exc:
-            _fail(exc)
 
 
 def _say_what_is_reused(plans: list, baseline_ids: list[str]) -> None:

@@ -114,7 +114,7 @@ def test_wandb_logger_works_offline_inside_the_results_folder(tmp_path, tiny_ber
         *FEW, f"model.name_or_path={tiny_bert_dir}", "logger=wandb", "pair_baseline=false",
         f"results_dir={tmp_path / 'results' / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
     assert record["status"] == "done"
-    runs = list((tmp_path / "results" / "wandb").glob("wandb/offline-run-*"))
+    runs = list((tmp_path / "results" / "runs" / "wandb").glob("wandb/offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 

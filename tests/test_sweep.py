@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lora_sweep import experiment
+from lora_sweep import experiment, records
 from lora_sweep.settings import CONF_DIR, register
 from lora_sweep.sweep import compose_job, job_overrides
 
@@ -19,14 +19,16 @@ TINY = ["task.max_train_examples=48", "task.max_eval_examples=32", "train.max_st
         "train.save_adapter=false", "train.max_seq_len=32", "model.name=tiny"]
 
 
-def sweep(tmp_path: Path, model_dir: Path, *overrides: str, results: str = "runs", wait: bool = True):
+def sweep(tmp_path: Path, model_dir: Path, *overrides: str, results: str = "runs", wait: bool = True, sweep_dir: bool = True):
+    """`lora-sweep -m` run from `tmp_path`; `sweep_dir=False` leaves Hydra's sweep folder to the default."""
     args = [sys.executable, "-m", "lora_sweep", "-m", f"model.name_or_path={model_dir}", *TINY,
             f"results_dir={tmp_path / results}", f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.sweep.dir={tmp_path / 'multirun' / str(time.time_ns())}", *overrides]
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}
+            *([f"hydra.sweep.dir={tmp_path / 'multirun' / str(time.time_ns())}"] if sweep_dir else []), *overrides]
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     if not wait:
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+                                start_new_session=True)
+    return subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
 
 
 def load(folder: Path) -> dict[str, dict]:
@@ -99,6 +101,60 @@ def test_two_processes_writing_one_folder_lose_nothing(tmp_path, tiny_bert_dir):
     assert [p.returncode for p in processes] == [0, 0], outputs
     check_paired(load(tmp_path / "runs"), lora_runs=3, baselines=1)
     assert not list((tmp_path / "runs").glob("history/*.json"))  # every run ran exactly once
+
+
+def test_a_sweep_with_a_failing_run_finishes_the_others_and_exits_1(tmp_path, tiny_bert_dir):
+    """train.max_seq_len=256 passes every check but fails at the first step: the tiny model has 128 positions."""
+    glue = tmp_path / "glue" / "SST-2"
+    glue.mkdir(parents=True)
+    rows = "".join(f"{'a long sentence ' * 100 if i == 0 else 'short'}\t{i % 2}\n" for i in range(16))
+    for name in ("train.tsv", "dev.tsv"):
+        (glue / name).write_text("sentence\tlabel\n" + rows)
+    result = sweep(tmp_path, tiny_bert_dir, f"task.data_dir={tmp_path / 'glue'}", "pair_baseline=false", "train.max_seq_len=32,256")
+    assert result.returncode == 1, result.stderr[-3000:]
+    found = load(tmp_path / "runs")
+    assert sorted(r["status"] for r in found.values()) == ["done", "failed"]
+    failed = next(r for r in found.values() if r["status"] == "failed")
+    assert "\n" not in failed["error"] and (tmp_path / "runs" / failed["log"]).is_file()
+    table = result.stdout[result.stdout.rindex("run targets"):].splitlines()
+    assert "run 2 of 2 finished" in result.stdout and [line.split()[-1] for line in table[1:]] == ["done", "failed"]
+    assert f"[sweep] 1 of 2 runs failed or left no record: {failed['run_id']}" in result.stderr
+
+
+def test_two_sweeps_started_at_once_from_one_folder_each_report_their_own_runs(tmp_path, tiny_bert_dir):
+    grids = (["method.r=1,2"], ["method.r=4,8"])
+    processes = [sweep(tmp_path, tiny_bert_dir, *grid, "train.threads=1", wait=False, sweep_dir=False) for grid in grids]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    for output, mine, theirs in zip(outputs, grids, reversed(grids)):
+        assert "run 2 of 2 finished" in output and " of 4 " not in output and "run 3" not in output
+        table = output[output.rindex("run targets"):]
+        for ranks, present in ((mine, True), (theirs, False)):
+            assert all((f"LoRA r={r}" in table) == present for r in ranks[0].split("=")[1].split(","))
+    assert len(list((tmp_path / "cache" / "multirun").glob("*/*"))) == 2  # one folder per sweep, under the cache
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_sweep_killed_again_and_again_ends_with_every_run_done_exactly_once(tmp_path, tiny_bert_dir):
+    """Bounded chaos: SIGKILL during start-up, and once one and two records exist (mid-way through the next run),
+    re-running the sweep after each; then the last re-run completes it."""
+    grid = ["method.r=1,2"]
+    runs = tmp_path / "runs"
+    for kill_at in (2.0, 1, 2):  # seconds after the start, or the number of records written
+        process = sweep(tmp_path, tiny_bert_dir, *grid, wait=False)
+        if isinstance(kill_at, float):
+            time.sleep(kill_at)
+        deadline = time.time() + 60
+        while isinstance(kill_at, int) and len(list(runs.glob("*.json"))) < kill_at and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    result = sweep(tmp_path, tiny_bert_dir, *grid)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = load(runs)
+    check_paired(found, lora_runs=2, baselines=1)
+    assert all(records.load(path) == found[path.stem] for path in runs.glob("*.json"))  # valid records, none moved aside
+    assert not (runs / "history").exists() and not (runs / "corrupt").exists()  # no run finished twice
 
 
 @pytest.mark.parametrize("overrides,message", [
