@@ -8,7 +8,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from analysis import plots
@@ -31,25 +30,27 @@ def _rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
         low, high = row.get(f"{prefix}_low"), row.get(f"{prefix}_high")
         return f"{row[prefix]:+.2f} [{low:+.2f}, {high:+.2f}]" if pd.notna(row.get(prefix)) else "-"
 
-    rows = ranks.sort_values(["targets", "r"])
+    optional = ["full_mean", "full_ci95", "delta", "delta_low", "delta_high", "verdict", "vs_lower_delta",
+                "vs_lower_delta_low", "vs_lower_delta_high", "vs_lower_differs", "param_ratio", "memory_ratio"]
+    rows = ranks.reindex(columns=[*ranks.columns, *(c for c in optional if c not in ranks)]).sort_values(["targets", "r"])
     table = pd.DataFrame({
         "targets": rows["targets"], "r": rows["r"].astype(int), "lr (tuned)": rows["lr"].map("{:g}".format),
         "seeds": rows["seeds"].map(len),
         "trainable": rows["params_trainable_mean"].map("{:,.0f}".format),
         "tune": [f"{scale * v:.2f}" for v in rows["tune_value_mean"]],
         "eval (± 95% CI over seeds)": [pm(m, c) for m, c in zip(rows["primary_value_mean"], rows["primary_value_ci95"])],
-        "full FT eval": [pm(m, c) for m, c in zip(rows.get("full_mean", np.nan), rows.get("full_ci95", np.nan))],
+        "full FT eval": [pm(m, c) for m, c in zip(rows["full_mean"], rows["full_ci95"])],
         f"Δ vs full FT, {unit} [95% CI]": [interval(r, "delta") for _, r in rows.iterrows()],
-        "verdict": rows.get("verdict", pd.Series("-", index=rows.index)).fillna("-"),
+        "verdict": rows["verdict"].fillna("-"),
         "vs next lower rank": [interval(r, "vs_lower_delta") + (" *" if r.get("vs_lower_differs") is True else "")
                                if pd.notna(r.get("vs_lower_delta")) else "-" for _, r in rows.iterrows()],
-        "params vs full": rows.get("param_ratio", np.nan).map(_fmt("{:.2%}")),
-        "memory vs full": rows.get("memory_ratio", np.nan).map(_fmt("{:.0%}")),
+        "params vs full": rows["param_ratio"].map(_fmt("{:.2%}")),
+        "memory vs full": rows["memory_ratio"].map(_fmt("{:.0%}")),
         "peak MiB": rows["peak_mib_mean"].map("{:.0f}".format),
         "still improving": [f"{n}/{len(s)}" for n, s in zip(rows["still_improving"], rows["seeds"])],
     })
     if first["higher_is_better"]:  # a share of full FT's score means something for a score, not for a loss
-        table.insert(9, "% of full", (100 * rows["primary_value_mean"] / rows.get("full_mean", np.nan)).map(_fmt("{:.1f}")))
+        table.insert(9, "% of full", (100 * rows["primary_value_mean"] / rows["full_mean"]).map(_fmt("{:.1f}")))
     return table
 
 

@@ -68,11 +68,14 @@ def ci95(values: pd.Series) -> float:
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration that finished: mean, std, 95 % CI half-width and n of each measure over seeds,
     and a note where its seeds ran different code or library versions."""
-    done = df[df["status"] == "done"]
-    measures = MEASURES + [c for c in done.columns if c.startswith(("metric_", "mem_"))]
+    measures = MEASURES + [c for c in df.columns if c.startswith(("metric_", "mem_"))]
     rows = []
-    for _, group in done.groupby("config_id", sort=True):
+    for _, runs in df.groupby("config_id", sort=True):
+        group = runs[runs["status"] == "done"]
+        if group.empty:
+            continue
         row = group.iloc[0][DESCRIBE].to_dict()
+        row["seeds_not_done"] = sorted(runs.loc[runs["status"] != "done", "seed"].tolist())  # diverged or failed
         row["seeds"] = sorted(group["seed"].tolist())
         row["run_ids"] = sorted(group["run_id"])
         row["still_improving"] = int(group["still_improving"].fillna(False).astype(bool).sum())
@@ -90,12 +93,15 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def tuned(agg: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Within each group of `keys`, the configuration with the best mean on the tuning split (ties: lower lr)."""
+    """Within each group of `keys`, the configuration with the best mean on the tuning split (ties: lower lr).
+    A configuration that diverged or failed at any seed is chosen only where every candidate did: its mean over
+    the surviving seeds would flatter it."""
     if agg.empty:
         return agg
     score = oriented(agg["tune_value_mean"], agg["higher_is_better"])
-    ranked = agg.assign(_score=score).sort_values(["_score", "lr"], ascending=[False, True])
-    return ranked.drop_duplicates(keys).drop(columns="_score").sort_values(keys).reset_index(drop=True)
+    ranked = agg.assign(_score=score, _complete=agg["seeds_not_done"].map(len) == 0)
+    ranked = ranked.sort_values(["_complete", "_score", "lr"], ascending=[False, False, True])
+    return ranked.drop_duplicates(keys).drop(columns=["_score", "_complete"]).sort_values(keys).reset_index(drop=True)
 
 
 def _outputs(df: pd.DataFrame, config_id: str) -> dict[int, dict]:
@@ -168,11 +174,10 @@ def recommend(ranks: pd.DataFrame) -> pd.DataFrame:
         row = {"context_id": context, "task": first["task"], "model": first["model"], "targets": targets,
                "margin": first["margin"], "unit": first["primary_unit"]}
         judged = group[group["verdict"].notna()] if "verdict" in group else group.iloc[0:0]
-        qualifying = judged[judged["verdict"] == "qualifies"]
         if judged.empty:
             row["recommendation"] = "no paired full-FT baseline with per-example outputs: nothing to compare with"
-        elif not qualifying.empty:
-            best = qualifying.iloc[0]
+        elif (judged["verdict"] == "qualifies").any():
+            best = judged[judged["verdict"] == "qualifies"].iloc[0]
             row.update(r=int(best["r"]), lr=best["lr"], delta=best["delta"], delta_low=best["delta_low"], delta_high=best["delta_high"],
                        param_ratio=best["param_ratio"], memory_ratio=best["memory_ratio"], seeds=best["paired_seeds"])
             row["recommendation"] = (f"r={int(best['r'])} (lr={best['lr']:g}, chosen on the tuning split): Δ = {best['delta']:+.2f} "

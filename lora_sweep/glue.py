@@ -153,7 +153,7 @@ def _undecodable_line(path: Path) -> int:
 
 
 def _load_hub(spec: GlueTask) -> datasets.DatasetDict:
-    require_hub(f"GLUE task {spec.hub_config} (nyu-mll/glue)", "a local GLUE folder via task.data_dir or GLUE_DIR (SST-2, MRPC, CoLA, RTE and STS-B are in ../shared/data/glue)")
+    _require_hub(spec)
     raw = datasets.load_dataset("nyu-mll/glue", spec.hub_config)
     rename = {spec.hub_text[0]: "text_a", **({spec.hub_text[1]: "text_b"} if len(spec.hub_text) > 1 else {})}
     keep = [*rename, "label"]
@@ -182,10 +182,15 @@ def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Mo
     return load_pretrained(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, path, config, settings.model.revision, meta)
 
 
+def _require_hub(spec: GlueTask) -> None:
+    require_hub(f"GLUE task {spec.hub_config} (nyu-mll/glue)", "a local GLUE folder via task.data_dir or GLUE_DIR (SST-2, MRPC, CoLA, RTE and STS-B are in ../shared/data/glue)")
+
+
 def data_identity(task: TaskSettings, source: str) -> dict:
     """What data a run reads: the local files by content hash, or the hub dataset at its commit."""
     spec = task_spec(task.name)
     if source == "hub":
+        _require_hub(spec)
         return {"hub": "nyu-mll/glue", "config": spec.hub_config, "revision": hub_commit("nyu-mll/glue", "dataset", None)}
     folder = glue_dir(task) / spec.folder
     return {"files": {f"{spec.folder}/{name}": file_digest(folder / name) for name in ("train.tsv", spec.dev_file)}}

@@ -95,10 +95,15 @@ def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Mo
     return load_pretrained(MODEL_FOR_CAUSAL_LM_MAPPING, path, config, settings.model.revision, meta)
 
 
+def _require_hub(spec: InstructTask) -> None:
+    require_hub(f"instruction data {spec.hub_id}", "task=instruct/alpaca or task=instruct/self_instruct (local files in ../shared/data/instruct)")
+
+
 def data_identity(task: TaskSettings, source: str) -> dict:
     """What data a run reads: the local file by content hash, or the hub dataset at its commit."""
     spec = task_spec(task.name)
     if source == "hub":
+        _require_hub(spec)
         return {"hub": spec.hub_id, "revision": hub_commit(spec.hub_id, "dataset", None)}
     return {"files": {spec.local_file: file_digest(data_dir(task) / spec.local_file)}}
 
@@ -144,7 +149,7 @@ def read_local(name: str, path: Path) -> list[dict[str, str]]:
 
 
 def _load_hub(spec: InstructTask) -> list[dict[str, str]]:
-    require_hub(f"instruction data {spec.hub_id}", "task=instruct/alpaca or task=instruct/self_instruct (local files in ../shared/data/instruct)")
+    _require_hub(spec)
     raw = datasets.load_dataset(spec.hub_id, split="train")
     instruction, context, output = spec.hub_fields
     return [{"instruction": r[instruction], "input": r.get(context) or "", "output": r[output]} for r in raw]

@@ -198,7 +198,7 @@ def values(jobs: list[list[str]], key: str) -> list[str]:
 def test_presets_expand_to_the_grids_they_promise():
     ranks = ["1", "16", "2", "32", "4", "64", "8"]
     rank = grid("+sweep=rank")
-    assert len(rank) == 7 and values(rank, "method.r") == ranks
+    assert len(rank) == 21 and values(rank, "method.r") == ranks and values(rank, "train.seed") == ["0", "1", "2"]
     assert values(grid("+sweep=quick"), "method.r") == ["1", "64", "8"]
     alpha = grid("+sweep=alpha")
     assert len(alpha) == 42 and values(alpha, "+scaling") == ["fixed", "ratio_1", "ratio_2", "ratio_4", "ratio_half", "rslora"]
