@@ -186,8 +186,6 @@ def test_a_killed_analysis_leaves_the_earlier_report_and_tables(tmp_path, done, 
 ABSOLUTE = re.compile(r'"(/|[A-Za-z]:\\\\|~/)[^"]*"')
 
 
-@pytest.mark.xfail(reason="the committed results/ predate issue 15 (absolute artifact paths, environment.host): "
-                          "passes once `make sweep` regenerates them", strict=False)
 def test_no_committed_record_holds_an_absolute_path_or_a_host_name():
     found = sorted((REPO / "results").glob("**/*.json"))
     assert found
