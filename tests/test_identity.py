@@ -16,7 +16,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from lora_sweep import experiment, identity
 from lora_sweep.errors import UserError
@@ -101,6 +101,8 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         "cache_dir": [((), ("cache_dir={tmp}/other_cache",), SAME)],
         "pair_baseline": [((), ("pair_baseline=false",), SAME)],
         "rerun": [((), ("rerun=true",), SAME)],
+        "artifacts_dir": [((), ("artifacts_dir={tmp}/adapters",), SAME)],
+        "analyze": [((), ("analyze=true",), SAME)],
     },
 }
 SECTIONS = {"model": ModelSettings, "task": TaskSettings, "method": MethodSettings, "baseline": MethodSettings,
@@ -119,13 +121,13 @@ def test_every_settings_field_has_a_row():
 
 @pytest.fixture(scope="module")
 def folders(tiny_bert_dir, tmp_path_factory) -> dict[str, str]:
-    """Model folders (the tiny BERT, a copy, one with other weights, a config-only tiny Llama) and GLUE data folders."""
+    """Model folders (the tiny BERT, a copy, one with other weights, a tiny Llama) and GLUE data folders."""
     root = tmp_path_factory.mktemp("identity")
     shutil.copytree(tiny_bert_dir, root / "bert_copy")
     torch.manual_seed(1)
     BertForSequenceClassification(BertConfig.from_pretrained(tiny_bert_dir)).save_pretrained(root / "bert_other")
-    LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2).save_pretrained(root / "llama")
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(root / "llama")
     shutil.copytree(SHARED_DATA / "glue" / "SST-2", root / "glue_copy" / "SST-2")
     changed = root / "glue_changed" / "SST-2"
     shutil.copytree(SHARED_DATA / "glue" / "SST-2", changed)
@@ -200,7 +202,7 @@ def test_a_lora_run_and_its_baseline_share_a_context_and_nothing_more(planned):
     settings, lora = planned(())
     baseline = experiment.plan(experiment.baseline_settings(settings))
     assert baseline.settings.method.name == "full"
-    assert lora.identity["config"]["baseline"] == baseline.identity["config"]["method"] == {"name": "full", "lr": 1e-4}
+    assert lora.identity["config"]["baseline"] == baseline.identity["config"]["method"] == {"name": "full", "lr": compose().baseline.lr}
     assert identity.context_id(lora.identity) == identity.context_id(baseline.identity)
     assert identity.config_id(lora.identity) != identity.config_id(baseline.identity)
     _, full = planned(FULL)  # the same full-FT run, reached as a run of its own

@@ -18,13 +18,7 @@ FULL = MethodSettings(name="full", lr=1e-3)
 OPTIMIZER_FOR = train.optimizer_for
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run 100x faster on one thread than on two when the cores are shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
