@@ -107,10 +107,11 @@ def test_a_sweep_with_a_failing_run_finishes_the_others_and_exits_1(tmp_path, ti
     """train.max_seq_len=256 passes every check but fails at the first step: the tiny model has 128 positions."""
     glue = tmp_path / "glue" / "SST-2"
     glue.mkdir(parents=True)
-    rows = "".join(f"{'a long sentence ' * 100 if i == 0 else 'short'}\t{i % 2}\n" for i in range(16))
+    rows = "".join(f"{'a long sentence ' * 100 if i % 4 == 0 else 'short'}\t{i % 2}\n" for i in range(16))
     for name in ("train.tsv", "dev.tsv"):
         (glue / name).write_text("sentence\tlabel\n" + rows)
-    result = sweep(tmp_path, tiny_bert_dir, f"task.data_dir={tmp_path / 'glue'}", "pair_baseline=false", "train.max_seq_len=32,256")
+    result = sweep(tmp_path, tiny_bert_dir, f"task.data_dir={tmp_path / 'glue'}", "task.tune_examples=4",
+                   "pair_baseline=false", "train.max_seq_len=32,256")
     assert result.returncode == 1, result.stderr[-3000:]
     found = load(tmp_path / "runs")
     assert sorted(r["status"] for r in found.values()) == ["done", "failed"]
