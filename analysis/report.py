@@ -41,7 +41,7 @@ def _rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
         "eval (± 95% CI over seeds)": [pm(m, c) for m, c in zip(rows["primary_value_mean"], rows["primary_value_ci95"])],
         "full FT eval": [pm(m, c) for m, c in zip(rows["full_mean"], rows["full_ci95"])],
         f"Δ vs full FT, {unit} [95% CI]": [interval(r, "delta") for _, r in rows.iterrows()],
-        "verdict": rows["verdict"].fillna("-"),
+        "verdict": rows["verdict"].astype(object).fillna("-"),
         "vs next lower rank": [interval(r, "vs_lower_delta") + (" *" if r.get("vs_lower_differs") is True else "")
                                if pd.notna(r.get("vs_lower_delta")) else "-" for _, r in rows.iterrows()],
         "params vs full": rows["param_ratio"].map(_fmt("{:.2%}")),
