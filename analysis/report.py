@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.load import load_records
-from analysis.tables import aggregate, compare_ranks, recommend, run_flags, tuned
+from analysis.tables import aggregate, compare_ranks, formatted, recommend, run_flags, tuned
 
 
 def _slug(*parts) -> str:
@@ -44,18 +44,14 @@ def _rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
         "verdict": rows["verdict"].astype(object).fillna("-"),
         "vs next lower rank": [interval(r, "vs_lower_delta") + (" *" if r.get("vs_lower_differs") is True else "")
                                if pd.notna(r.get("vs_lower_delta")) else "-" for _, r in rows.iterrows()],
-        "params vs full": rows["param_ratio"].map(_fmt("{:.2%}")),
-        "memory vs full": rows["memory_ratio"].map(_fmt("{:.0%}")),
+        "params vs full": rows["param_ratio"].map(formatted(".2%")),
+        "memory vs full": rows["memory_ratio"].map(formatted(".0%")),
         "peak MiB": rows["peak_mib_mean"].map("{:.0f}".format),
         "still improving": [f"{n}/{len(s)}" for n, s in zip(rows["still_improving"], rows["seeds"])],
     })
     if first["higher_is_better"]:  # a share of full FT's score means something for a score, not for a loss
-        table.insert(9, "% of full", (100 * rows["primary_value_mean"] / rows["full_mean"]).map(_fmt("{:.1f}")))
+        table.insert(9, "% of full", (100 * rows["primary_value_mean"] / rows["full_mean"]).map(formatted(".1f")))
     return table
-
-
-def _fmt(fmt: str):
-    return lambda v: fmt.format(v) if pd.notna(v) else "-"
 
 
 METHOD_NOTE = (

@@ -32,7 +32,8 @@ def oriented(values, higher_is_better):
     return np.where(higher_is_better, 1.0, -1.0) * values
 
 
-def _fmt(fmt: str):
+def formatted(fmt: str):
+    """A formatter for Series.map: the format spec for values, "-" for missing ones."""
     return lambda v: format(v, fmt) if pd.notna(v) else "-"
 
 
@@ -45,12 +46,12 @@ def sweep_summary(records_dir: str | Path, run_ids: list[str]) -> str:
         "run": np.where(df["method"] == "full", "full FT", "LoRA r=" + df["r"].astype("Int64").astype(str)),
         "targets": df["targets"].fillna("all"),
         "seed": df["seed"],
-        "trainable": df["params_trainable"].map(_fmt(",.0f")),
-        "metric": df["primary_metric"].fillna("") + "=" + df["primary_value"].map(_fmt(".4f")),
+        "trainable": df["params_trainable"].map(formatted(",.0f")),
+        "metric": df["primary_metric"].fillna("") + "=" + df["primary_value"].map(formatted(".4f")),
         "this seed vs full FT": (df["primary_scale"] * oriented(df["primary_value"] - df["baseline_run_id"].map(base),
-                                                                df["higher_is_better"])).map(_fmt("+.2f")),
-        "peak MiB": df["peak_mib"].map(_fmt(".0f")),
-        "train s": df["train_s"].map(_fmt(".0f")),
+                                                                df["higher_is_better"])).map(formatted("+.2f")),
+        "peak MiB": df["peak_mib"].map(formatted(".0f")),
+        "train s": df["train_s"].map(formatted(".0f")),
         "status": df["status"],
     })
     order = np.lexsort((df["seed"].fillna(0).to_numpy(), df["r"].fillna(0).to_numpy(), (df["method"] != "full").to_numpy()))

@@ -68,8 +68,11 @@ def eval_order(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 def token_counts(batches: list[list[int]], lengths: list[int]) -> dict[str, float]:
     """Real and computed (padded) tokens of a list of batches, and the fraction of computed tokens that is padding."""
-    real = sum(lengths[i] for b in batches for i in b)
-    computed = sum(padded_tokens(b, lengths) for b in batches)
+    return token_summary(sum(lengths[i] for b in batches for i in b), sum(padded_tokens(b, lengths) for b in batches))
+
+
+def token_summary(real: int, computed: int) -> dict[str, float]:
+    """Real and computed tokens and the share of computed tokens that is padding, as records keep them."""
     return {"real_tokens": real, "computed_tokens": computed, "padding_fraction": 1 - real / computed if computed else 0.0}
 
 

@@ -218,8 +218,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
         "train_examples": len(train_set),
         "tune_examples": len(tokens["tune"]),
         "eval_examples": len(tokens["dev"]),
-        "tokens": {"train": {"real_tokens": result.real_tokens, "computed_tokens": result.computed_tokens,
-                             "padding_fraction": 1 - result.real_tokens / result.computed_tokens if result.computed_tokens else 0.0}},
+        "tokens": {"train": batching.token_summary(result.real_tokens, result.computed_tokens)},
     }
     time_fields = {
         "data_prep_s": prep_seconds,
