@@ -3,8 +3,8 @@
 Everything a run does differently when it has several processes is here; with one process every function is
 the identity, so a single-process run computes exactly what it did before. The rules:
 
-- the processes are found in the environment: torchrun and `accelerate launch` set RANK and WORLD_SIZE; a SLURM
-  task (srun, submitit) has SLURM_PROCID and SLURM_NTASKS, exported as the same variables by submitit;
+- the processes are found in the environment: torchrun and `accelerate launch` set RANK and WORLD_SIZE; the tasks
+  of a submitit job (Hydra's SLURM launcher, or its local executor) get them from submitit, which reads SLURM's;
 - process 0 alone holds the run's lock, decides whether the run is skipped, and writes the record;
 - each micro-batch of the plan (the global sequence, drawn up front from the seed) is split across the
   processes, and each process's loss is weighted by its share, so the gradients DDP/FSDP average are those of the
@@ -39,11 +39,14 @@ class Stopped(Exception):
 
 
 def world_size() -> int:
-    """How many processes this run was started as (1 unless a launcher or SLURM says otherwise)."""
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    """How many processes this run was started as: WORLD_SIZE (torchrun, accelerate launch), else the tasks of the
+    submitit job it runs in (Hydra's SLURM and local launchers with tasks_per_node > 1), else 1."""
+    if "WORLD_SIZE" not in os.environ and "SUBMITIT_EXECUTOR" in os.environ:
+        from submitit import JobEnvironment
         from submitit.helpers import TorchDistributedEnvironment
 
-        TorchDistributedEnvironment().export()  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM
+        if JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's (or submitit's) variables;
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # every GPU of the node stays visible: accelerate picks cuda:LOCAL_RANK
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -53,6 +56,9 @@ def start(train: TrainSettings, device: str) -> None:
     if size > 1 and train.distributed == "none":
         raise UserError(f"this run was started as {size} processes but train.distributed=none; "
                         f"set train.distributed=ddp or fsdp, or start one process")
+    if size > 1 and train.distributed == "fsdp" and device == "cpu":
+        raise UserError("train.distributed=fsdp needs GPUs: accelerate shards a model only on accelerator devices (on CPU it "
+                        "would run plain DDP under the name FSDP); use train.distributed=ddp on CPU")
     if train.batch_size % size:
         raise UserError(f"train.batch_size={train.batch_size} cannot be shared out evenly among {size} processes; "
                         f"use a multiple of {size}")
@@ -100,8 +106,14 @@ def seed_dropout(seed: int) -> None:
 
 def make_accelerator(device: str, mode: str) -> Accelerator:
     """CUDA runs in bf16 autocast; FSDP shards parameters, gradients and optimizer state across the processes."""
-    fsdp = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True) if mode == "fsdp" and world_size() > 1 else None
+    fsdp = fsdp_plugin() if mode == "fsdp" and world_size() > 1 else None
     return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device == "cuda" else "no", fsdp_plugin=fsdp)
+
+
+def fsdp_plugin() -> FullyShardedDataParallelPlugin:
+    """FSDP2: each process keeps 1/N of the parameters, gradients and AdamW state, gathers a layer's weights for its
+    forward and backward and frees them after; the full weights are gathered once more to save the model."""
+    return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
 
 
 def shard(batch: list[int]) -> tuple[list[int], float]:

@@ -18,6 +18,7 @@ import pytest
 from lora_sweep import distributed, experiment
 from lora_sweep.errors import UserError
 from lora_sweep.settings import TrainSettings, compose
+from tests.test_sweep import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 # 64 examples, 21 of them the tuning split: 43 to train on, so each epoch ends with a batch of 3 (split 1 + 2 over two
@@ -132,3 +133,26 @@ def test_several_processes_need_a_distributed_mode_and_a_batch_they_can_share(mo
         distributed.start(TrainSettings(), "cpu")
     with pytest.raises(UserError, match="train.batch_size=7 cannot be shared out evenly among 2 processes"):
         distributed.start(TrainSettings(batch_size=7, distributed="ddp"), "cpu")
+    with pytest.raises(UserError, match="train.distributed=fsdp needs GPUs"):
+        distributed.start(TrainSettings(distributed="fsdp"), "cpu")
+
+
+def test_fsdp_composes_into_a_sharding_plugin():
+    """accelerate runs FSDP on GPUs only: what can be checked here is the configuration (the GPU run: README)."""
+    settings = compose("method=full", "train.distributed=fsdp")
+    plugin = distributed.fsdp_plugin()
+    assert settings.train.distributed == "fsdp" and plugin.fsdp_version == 2 and plugin.reshard_after_forward
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+    with pytest.raises(UserError, match="train.distributed='zero' is not allowed; use none, ddp, fsdp"):
+        compose("train.distributed=zero")
+
+
+def test_a_submitit_job_of_two_tasks_is_one_run_of_two_processes(tmp_path, tiny_bert_dir):
+    """The SLURM path on this machine: submitit's local executor starts the job's two tasks, which find their
+    rank and world size in submitit's variables as they would in SLURM's."""
+    result = sweep(tmp_path, tiny_bert_dir, "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "method=full",
+                   "train.distributed=ddp", "train.threads=1", "train.seed=0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [record] = records_in(tmp_path / "runs")
+    assert record["status"] == "done" and record["processes"]["world_size"] == 2
+    assert len(record["memory"]["per_process_peak_bytes"]) == 2
