@@ -23,15 +23,14 @@ import signal
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
-from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 import torch
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from lora_sweep.errors import UserError
 from lora_sweep.settings import TrainSettings
 
 T = TypeVar("T")
-MODES = ("none", "ddp", "fsdp")
 
 
 class Stopped(Exception):
@@ -45,8 +44,9 @@ def world_size() -> int:
         from submitit import JobEnvironment
         from submitit.helpers import TorchDistributedEnvironment
 
-        if JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's (or submitit's) variables;
-            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # every GPU of the node stays visible: accelerate picks cuda:LOCAL_RANK
+        if JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from SLURM's (or submitit's)
+            # variables; every GPU of the node stays visible, as accelerate puts process k on cuda:LOCAL_RANK
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -56,6 +56,10 @@ def start(train: TrainSettings, device: str) -> None:
     if size > 1 and train.distributed == "none":
         raise UserError(f"this run was started as {size} processes but train.distributed=none; "
                         f"set train.distributed=ddp or fsdp, or start one process")
+    if size == 1 and train.distributed != "none":
+        raise UserError(f"train.distributed={train.distributed} but this run is one process: start it with torchrun "
+                        f"--nproc-per-node=N (CPU or GPU) or accelerate launch --multi_gpu --num_processes=N (GPU), or set "
+                        f"train.distributed=none")
     if size > 1 and train.distributed == "fsdp" and device == "cpu":
         raise UserError("train.distributed=fsdp needs GPUs: accelerate shards a model only on accelerator devices (on CPU it "
                         "would run plain DDP under the name FSDP); use train.distributed=ddp on CPU")

@@ -128,6 +128,8 @@ def test_a_failing_process_leaves_a_failed_record(tmp_path, tiny_bert_dir):
 
 
 def test_several_processes_need_a_distributed_mode_and_a_batch_they_can_share(monkeypatch):
+    with pytest.raises(UserError, match="train.distributed=ddp but this run is one process: start it with torchrun"):
+        distributed.start(TrainSettings(distributed="ddp"), "cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="started as 2 processes but train.distributed=none"):
         distributed.start(TrainSettings(), "cpu")
@@ -156,3 +158,15 @@ def test_a_submitit_job_of_two_tasks_is_one_run_of_two_processes(tmp_path, tiny_
     [record] = records_in(tmp_path / "runs")
     assert record["status"] == "done" and record["processes"]["world_size"] == 2
     assert len(record["memory"]["per_process_peak_bytes"]) == 2
+
+
+@pytest.mark.parametrize("batch,parts", [([5, 6, 7], [([5], 2 / 3), ([6, 7], 4 / 3)]),
+                                         ([9], [([9], 0.0), ([9], 2.0)])])  # rank 0 has nothing: it computes at weight 0
+def test_a_batch_is_shared_out_with_weights_that_keep_its_mean_loss(monkeypatch, batch, parts):
+    for rank, expected in enumerate(parts):
+        monkeypatch.setattr(distributed, "processes", lambda rank=rank: (rank, 2))
+        assert distributed.shard(batch) == expected
+    # the mean over processes of weight x (the part's mean loss) is the batch's mean loss
+    losses = {5: 1.0, 6: 2.0, 7: 6.0, 9: 4.0}
+    per_process = [weight * np.mean([losses[i] for i in part]) for part, weight in parts]
+    assert np.mean(per_process) == pytest.approx(np.mean([losses[i] for i in batch]))
