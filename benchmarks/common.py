@@ -25,9 +25,9 @@ from typing import Any, Callable
 import torch
 from transformers import AutoTokenizer, set_seed
 
-from lora_sweep import adapters, batching, data, experiment
+from lora_sweep import adapters, batching, data, distributed, experiment
 from lora_sweep.settings import MethodSettings, Settings, TrainSettings, compose
-from lora_sweep.train import TrainResult, fit, make_accelerator
+from lora_sweep.train import TrainResult, fit
 
 WARMUP_STEPS = 3  # steps of the untimed run each variant makes before anything is timed
 
@@ -95,7 +95,7 @@ def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, m
     model = build_model(bench, method)
     train = dataclasses.replace(bench.train, memory_probe=memory_probe)
     gc.collect()
-    return fit(make_accelerator(bench.device), model, bench.train_set, bench.collate, schedule, method, train)
+    return fit(distributed.make_accelerator(bench.device, "none"), model, bench.train_set, bench.collate, schedule, method, train)
 
 
 def synchronize(device: str) -> None:

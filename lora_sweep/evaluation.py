@@ -1,5 +1,7 @@
 """Per-example outputs on an evaluation split, computed in length-sorted batches and returned in the split's order.
 
+With several processes each evaluates its part of every batch and the outputs are gathered (lora_sweep.distributed).
+
 Sorting changes only how much padding is computed, never which output belongs to which example; the
 outputs are kept in the record (with the examples' ids) so any two runs on one split can be compared
 example by example after the fact, and the metrics are computed from them.
@@ -12,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_sweep import batching
+from lora_sweep import batching, distributed
 
 
 @torch.no_grad()
@@ -21,11 +23,15 @@ def predict(accelerator, model: torch.nn.Module, family, dataset, collate, batch
     model.eval()
     lengths = [len(ids) for ids in dataset["input_ids"]]
     batches = batching.eval_order(lengths, batch_size)
-    rows: list[np.ndarray | None] = [None] * len(lengths)
+    computed: list[tuple[int, np.ndarray]] = []
     for indices in batches:
-        out = family.batch_outputs(model, batching.load_batch(dataset, indices, collate, accelerator.device)).cpu().numpy()
-        for i, row in zip(indices, out):
-            rows[i] = row
+        part, weight = distributed.shard(indices)  # every process takes part in every batch (FSDP needs it)
+        out = family.batch_outputs(model, batching.load_batch(dataset, part, collate, accelerator.device)).cpu().numpy()
+        if weight:
+            computed += zip(part, out)
+    rows: list[np.ndarray | None] = [None] * len(lengths)
+    for i, row in accelerator.gather_for_metrics(computed, use_gather_object=True):
+        rows[i] = row  # each example's index is in exactly one process's part: it counts once, in the split's order
     return np.stack(rows), batching.token_counts(batches, lengths)
 
 

@@ -18,13 +18,13 @@ import torch
 from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
-from lora_sweep import adapters, batching, data, glue, identity, instruct, records
+from lora_sweep import adapters, batching, data, distributed, glue, identity, instruct, records
 from lora_sweep.errors import UserError, file_errors, one_line
 from lora_sweep.evaluation import evaluate_split
 from lora_sweep.hub import model_source, resolve_model
 from lora_sweep.settings import MethodSettings, Settings
 from lora_sweep.tracking import Tracker
-from lora_sweep.train import fit, loss_trend, make_accelerator, total_steps
+from lora_sweep.train import fit, loss_trend, total_steps
 
 FAMILIES = {"glue": glue, "instruct": instruct}
 
@@ -93,19 +93,23 @@ def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) ->
     """Run one experiment (and first its baseline) unless a `done` record exists; return its record.
 
     `sweep` names the sweep this run belongs to: a run already attempted in this sweep (a baseline shared by
-    several LoRA runs) is not attempted again, whatever its status or `rerun`; in a later sweep it may be."""
+    several LoRA runs) is not attempted again, whatever its status or `rerun`; in a later sweep it may be.
+    A run of several processes (train.distributed) is run by all of them; process 0 alone holds its lock, decides
+    whether it is skipped and writes its record."""
     p = plan(settings)
+    distributed.start(settings.train, p.device)
     baseline = None
     if settings.method.name == "lora" and settings.pair_baseline:
         baseline = run(baseline_settings(settings), parallel_jobs, sweep)
-    with records.run_lock(settings.results_dir, p.run_id):
-        existing = records.read_record(settings.results_dir, p.run_id)
+    with distributed.main_only(records.run_lock(settings.results_dir, p.run_id)):
+        existing = distributed.from_main(records.read_record(settings.results_dir, p.run_id) if distributed.is_main() else None)
         if existing and ((sweep and existing.get("sweep") == sweep) or (existing["status"] == "done" and not settings.rerun)):
             print(f"[lora-sweep] {p.run_id} ({describe(p)}) already {existing['status']}: skipped")
             return existing
         print(f"[lora-sweep] {p.run_id} ({describe(p)}) starting")
         record = execute(p, baseline, resolve_threads(settings.train.threads, parallel_jobs), sweep)
-        records.write_record(settings.results_dir, record)
+        if distributed.is_main():
+            records.write_record(settings.results_dir, record)
     return record
 
 
@@ -170,7 +174,8 @@ def execute(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: str |
             record.update(_train_and_measure(p, tracker))
     except UserError as exc:
         record.update(status="failed", error=str(exc))
-        records.write_record(p.settings.results_dir, _finished(record))
+        if distributed.is_main():
+            records.write_record(p.settings.results_dir, _finished(record))
         raise
     except Exception as exc:  # an error in one run is its result; the sweep goes on. Its traceback goes to a log.
         record.update(status="failed", error=f"{type(exc).__name__}: {one_line(exc)}",
@@ -204,7 +209,8 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     lengths = [len(ids) for ids in train_set["input_ids"]]
     steps = total_steps(s.train, len(train_set))
     schedule = batching.train_plan(lengths, s.train.batch_size, steps, s.train.grad_accum, s.train.seed, s.train.group_by_length)
-    accelerator = make_accelerator(p.device)
+    accelerator = distributed.make_accelerator(p.device, s.train.distributed)
+    distributed.seed_dropout(s.train.seed)
     if p.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = fit(accelerator, model, train_set, collate, schedule, p.method, s.train, on_log=tracker.log_loss)
@@ -214,7 +220,10 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
         "params": dataclasses.asdict(counts),
         "loss_curve": result.loss_curve,
         "budget": loss_trend(result.step_losses),
-        "memory": _memory_fields(p.device, result),
+        "memory": _memory_fields(accelerator, p.device, result),
+        "processes": {"mode": s.train.distributed, "world_size": accelerator.num_processes,
+                      "per_process_batch": s.train.batch_size // accelerator.num_processes, "grad_accum": s.train.grad_accum,
+                      "global_batch": s.train.batch_size * s.train.grad_accum},
         "train_examples": len(train_set),
         "tune_examples": len(tokens["tune"]),
         "eval_examples": len(tokens["dev"]),
@@ -241,12 +250,13 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     out.update(metrics=metrics, primary_metric=dev["primary_metric"], primary_value=metrics[dev["primary_metric"]],
                tune_metrics=tune["metrics"], tune_value=tune["metrics"][dev["primary_metric"]],
                examples={"dev": dev["examples"], "tune": tune["examples"]}, time=time_fields)
-    out["artifact"] = _save(accelerator.unwrap_model(model), p) if s.train.save_adapter else None
+    out["artifact"] = _save(accelerator, model, p) if s.train.save_adapter else None
     out["status"] = "done"
     return out
 
 
-def _memory_fields(device: str, result) -> dict[str, Any]:
+def _memory_fields(accelerator, device: str, result) -> dict[str, Any]:
+    """The probe's peak and split; with several processes, those of the process that peaked highest, and every process's peak."""
     fields: dict[str, Any] = {"device": device, "peak_bytes": None, "split_bytes": None, "grad_bytes_after_backward": None,
                               "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None}
     if result.memory is not None:
@@ -254,12 +264,22 @@ def _memory_fields(device: str, result) -> dict[str, Any]:
                       grad_bytes_after_backward=result.grad_bytes_after_backward)
     if device == "cuda":
         fields.update(cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(), cuda_max_reserved_bytes=torch.cuda.max_memory_reserved())
-    return fields
+    if accelerator.num_processes == 1:
+        return fields
+    per_process = distributed.everyone(fields)
+    highest = max(per_process, key=lambda f: f["peak_bytes"] or 0)
+    if device == "cuda":
+        highest.update({key: max(f[key] for f in per_process) for key in ("cuda_max_allocated_bytes", "cuda_max_reserved_bytes")})
+    return {**highest, "per_process_peak_bytes": [f["peak_bytes"] for f in per_process]}
 
 
-def _save(model: torch.nn.Module, p: Plan) -> dict[str, Any]:
-    """Save the adapter (LoRA) or the whole model (full FT) in artifacts_dir; return where (relative to the record) and how many bytes."""
+def _save(accelerator, model: torch.nn.Module, p: Plan) -> dict[str, Any] | None:
+    """Save the adapter (LoRA) or the whole model (full FT) in artifacts_dir; return where (relative to the record) and how many bytes.
+    With several processes every one hands in its part of the weights (FSDP shards them) and process 0 writes."""
+    state = accelerator.get_state_dict(model) if accelerator.num_processes > 1 else None
+    if not accelerator.is_main_process:
+        return None
     folder = Path(p.settings.artifacts_dir) / p.run_id
-    model.save_pretrained(folder)
+    accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
     return {"path": records.portable(folder, p.settings.results_dir), "bytes": size}

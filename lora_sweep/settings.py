@@ -27,6 +27,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 TARGET_PRESETS = ("qv", "qkvo", "mlp", "all_linear")
 ALPHA_POLICIES = ("fixed", "ratio")
+DISTRIBUTED = ("none", "ddp", "fsdp")  # one process; data parallel; fully sharded (lora_sweep.distributed)
 INIT_CHOICES = ("true", "false", "gaussian", "olora", "pissa", "orthogonal")  # not eva: it needs a data pass before training
 
 
@@ -137,6 +138,7 @@ class TrainSettings:
     log_every: int = 10  # steps between logged losses
     memory_probe: bool = True  # measure one optimizer step's peak tensor memory and its split
     save_adapter: bool = True  # save the adapter (or full model) and record its size on disk
+    distributed: str = "none"  # none | ddp | fsdp: how the processes of one run (torchrun, accelerate launch, SLURM) share it
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size", "log_every"):
@@ -148,6 +150,7 @@ class TrainSettings:
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
         _check(self.divergence_factor > 1, f"train.divergence_factor={self.divergence_factor} must be > 1")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} is not allowed; use auto, cpu or cuda")
+        _check(self.distributed in DISTRIBUTED, f"train.distributed={self.distributed!r} is not allowed; use {', '.join(DISTRIBUTED)}")
 
 
 @dataclass

@@ -162,9 +162,11 @@ def finish(sweep: Sweep) -> int:
 
 class SweepCallback(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from lora_sweep import distributed
+
         sweep_dir = Path(HydraConfig.get().sweep.dir)
-        if HydraConfig.get().mode != RunMode.MULTIRUN or not (sweep_dir / PLAN_FILE).is_file():
-            return
+        if HydraConfig.get().mode != RunMode.MULTIRUN or not (sweep_dir / PLAN_FILE).is_file() or not distributed.is_main():
+            return  # a job of several processes (train.distributed) is counted once
         plan = json.loads((sweep_dir / PLAN_FILE).read_text())
         line = json.dumps({"job": HydraConfig.get().job.num, "status": str(job_return.status), "at": time.time()}) + "\n"
         fd = os.open(sweep_dir / PROGRESS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)

@@ -10,13 +10,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lora_sweep import distributed
 from lora_sweep.settings import Settings
 
 
 class Tracker:
     def __init__(self, settings: Settings, run_id: str, config: dict[str, Any]):
         self._run = None
-        if settings.logger.name != "wandb":
+        if settings.logger.name != "wandb" or not distributed.is_main():
             return
         import wandb
 

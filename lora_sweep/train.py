@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 from transformers.trainer_pt_utils import get_parameter_names
 
-from lora_sweep import memory
+from lora_sweep import distributed, memory
 from lora_sweep.batching import Plan, load_batch
 from lora_sweep.settings import MethodSettings, TrainSettings
 
@@ -45,10 +45,6 @@ class TrainResult:
     computed_tokens: int = 0  # tokens computed, padding included
     memory: memory.MemoryProbe | None = None
     grad_bytes_after_backward: int | None = None  # gradients held when the probed step's backward ends
-
-
-def make_accelerator(device: str) -> Accelerator:
-    return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device == "cuda" else "no")
 
 
 def total_steps(train: TrainSettings, examples: int) -> int:
@@ -113,13 +109,15 @@ def fit(
     progress = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
 
     def forward_backward(micro: list[int]) -> float:
-        batch = load_batch(dataset, micro, collate, accelerator.device)
-        loss = model(**batch).loss
+        part, weight = distributed.shard(micro)
+        batch = load_batch(dataset, part, collate, accelerator.device)
+        loss = distributed.weighted(model(**batch).loss, weight)
         accelerator.backward(loss / train.grad_accum)
-        result.samples += len(micro)
-        result.real_tokens += int(batch["attention_mask"].sum())
-        result.computed_tokens += batch["input_ids"].numel()
-        return loss.item() / train.grad_accum
+        if weight:
+            result.samples += len(part)
+            result.real_tokens += int(batch["attention_mask"].sum())
+            result.computed_tokens += batch["input_ids"].numel()
+        return distributed.mean(accelerator, loss.item()) / train.grad_accum
 
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -156,4 +154,6 @@ def fit(
         progress.update()
     result.seconds = time.perf_counter() - start
     progress.close()
+    result.samples, result.real_tokens, result.computed_tokens = (
+        distributed.total(accelerator, n) for n in (result.samples, result.real_tokens, result.computed_tokens))
     return result

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from lora_sweep import batching, evaluation, glue
+from lora_sweep import batching, distributed, evaluation, glue
 from lora_sweep.settings import MethodSettings, TrainSettings, compose
-from lora_sweep.train import fit, make_accelerator
+from lora_sweep.train import fit
 from tests.conftest import SHARED_DATA
 
 SST2 = SHARED_DATA / "glue" / "SST-2"
@@ -125,7 +125,7 @@ def test_sorted_evaluation_gives_the_outputs_and_metrics_of_one_example_at_a_tim
     assert [i for b in batching.eval_order(lengths, 16) for i in b] != list(range(60))  # sorting really reorders
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
-    accelerator, collate = make_accelerator("cpu"), glue.collator(tokenizer)
+    accelerator, collate = distributed.make_accelerator("cpu", "none"), glue.collator(tokenizer)
     with torch.no_grad():  # a random tiny BERT's logits differ between examples by ~1e-4: spread and centre them
         model.classifier.weight.mul_(1000.0)
         model.classifier.bias.sub_(model(**batching.load_batch(dev, list(range(60)), collate, "cpu")).logits.median(dim=0).values)
@@ -162,7 +162,7 @@ def test_fit_counts_the_tokens_of_the_plan(tiny_bert_dir, tokenizer):
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     train = TrainSettings(batch_size=8, grad_accum=2, max_steps=4, memory_probe=False, log_every=1)
-    result = fit(make_accelerator("cpu"), model, train_set, glue.collator(tokenizer), plan, MethodSettings(name="full", lr=1e-4), train)
+    result = fit(distributed.make_accelerator("cpu", "none"), model, train_set, glue.collator(tokenizer), plan, MethodSettings(name="full", lr=1e-4), train)
     expected = batching.token_counts(plan.batches, lengths)
     assert result.steps == 4 and result.samples == sum(len(b) for b in plan.batches) == 64
     assert result.real_tokens == expected["real_tokens"]

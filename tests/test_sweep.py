@@ -61,6 +61,14 @@ def test_submitit_local_executor_runs_a_micro_sweep(tmp_path, tiny_bert_dir):
     assert not list((tmp_path / "runs").glob("history/*.json"))  # no baseline ran twice despite four jobs at once
 
 
+def test_ray_launcher_runs_a_micro_sweep(tmp_path, tiny_bert_dir):
+    """A local Ray (2 CPUs): jobs run two at a time and the first that needs a baseline trains it under its lock."""
+    result = sweep(tmp_path, tiny_bert_dir, "hydra/launcher=ray_local", "method.r=1,2", "train.seed=0,1", "train.threads=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_paired(load(tmp_path / "runs"), lora_runs=4, baselines=2)
+    assert not (tmp_path / "runs" / "history").exists()  # no run (a baseline above all) was trained twice
+
+
 def test_a_second_sweep_finds_the_baseline_again(tmp_path, tiny_bert_dir):
     assert sweep(tmp_path, tiny_bert_dir, "method.r=1,2").returncode == 0
     first = load(tmp_path / "runs")

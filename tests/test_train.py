@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from lora_sweep import adapters, batching, glue, train
+from lora_sweep import adapters, batching, distributed, glue, train
 from lora_sweep.settings import MethodSettings, TrainSettings
 from tests.conftest import SHARED_DATA, tiny_bert, tiny_bert_config
 
@@ -68,7 +68,7 @@ def run(tokenizer, monkeypatch, examples=10, method=FULL, dropout=0.1, **setting
     forwards = []
     model.register_forward_hook(lambda module, args, out: forwards.append(1))
     recorder = Recorder(monkeypatch)
-    result = train.fit(train.make_accelerator("cpu"), model, data, glue.collator(tokenizer), plan, method, cfg)
+    result = train.fit(distributed.make_accelerator("cpu", "none"), model, data, glue.collator(tokenizer), plan, method, cfg)
     return result, recorder, plan, len(forwards)
 
 
