@@ -63,10 +63,10 @@ def figure(deployed: list[dict[str, Any]], folder: Path, name: str) -> Path:
     d = deployed[0]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
 
-    def bars(ax, labels, summaries, scale, unit, title, log=False):
+    def bars(ax, labels, summaries, scale, unit, title, colors, log=False):
         medians = [scale * s["median"] for s in summaries]
         errors = [[m - scale * s["low"] for m, s in zip(medians, summaries)], [scale * s["high"] - m for m, s in zip(medians, summaries)]]
-        ax.bar(labels, medians, yerr=errors, capsize=3, color=["tab:gray", "tab:orange", "tab:blue", "tab:green", "tab:purple"][:len(labels)])
+        ax.bar(labels, medians, yerr=errors, capsize=3, color=colors)
         ax.set_ylabel(unit)
         ax.set_title(title, fontsize=10)
         if log:
@@ -76,12 +76,13 @@ def figure(deployed: list[dict[str, Any]], folder: Path, name: str) -> Path:
     latency = d["latency"]
     labels = [f"{v} b{size}" for size in (1, 32) for v in ("base", "unmerged", "merged")]
     summaries = [latency[f"batch_{size}"]["seconds_per_batch"][v] for size in (1, 32) for v in ("base", "unmerged", "merged")]
-    bars(axes[0], labels, summaries, 1000, "ms per batch", "latency (batch 1 and 32)", log=True)
+    bars(axes[0], labels, summaries, 1000, "ms per batch", "latency (batch 1 and 32)", ["tab:gray", "tab:orange", "tab:blue"] * 2, log=True)
     if d["swap"]:
         seconds = d["swap"]["seconds"]
         names = [n for n in ("checkpoint load (warm)", "checkpoint load (cold)", "adapter swap (warm)", "adapter swap (cold)",
                              "hotswap (warm)") if n in seconds]
-        bars(axes[1], [n.replace(" (", "\n(") for n in names], [seconds[n] for n in names], 1000, "ms", "load time")
+        bars(axes[1], [n.replace(" (", "\n(") for n in names], [seconds[n] for n in names], 1000, "ms", "load time",
+             ["tab:gray" if n.startswith("checkpoint") else "tab:blue" for n in names])
     sizes = {"full-FT checkpoint": d["checkpoint_bytes"], "adapter": d["adapter_bytes"]}
     axes[2].bar(list(sizes), [b / MIB for b in sizes.values()], color=["tab:gray", "tab:blue"])
     axes[2].set_yscale("log")
