@@ -157,7 +157,7 @@ def merge_equivalence(served: Served, unmerged: PeftModel, merged: torch.nn.Modu
     accelerator, batch_size = make_accelerator("cpu"), served.settings.train.eval_batch_size
     before, _ = predict(accelerator, unmerged, served.family, served.dev, served.collate, batch_size)
     after, _ = predict(accelerator, merged, served.family, served.dev, served.collate, batch_size)
-    labels = served.dev["label"]
+    labels = np.asarray(served.dev["label"]) if "label" in served.dev.column_names else None  # instruction tasks have none
     metric_before, primary = served.family.split_metrics(before, labels, served.settings)
     metric_after, _ = served.family.split_metrics(after, labels, served.settings)
     recorded = served.record["examples"]["dev"]

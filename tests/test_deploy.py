@@ -151,3 +151,21 @@ def test_the_embeddings_preset_trains_the_real_minilm(tmp_path):
         f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
     assert record["status"] == "done" and record["adapted_modules"] == ["bert.embeddings.word_embeddings"]
     assert record["params"]["adapter"] == (30522 + 384) * 4
+
+
+def test_hotswap_applies_to_adapters_of_one_shape_without_a_task_head(tmp_path, one_thread):
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def saved(name, model, r):
+        torch.manual_seed(r)
+        wrapped, _ = adapters.apply_method(model, lora(r=r), "CAUSAL_LM" if name.startswith("llama") else "SEQ_CLS")
+        wrapped.save_pretrained(tmp_path / name)
+        return LoraConfig.from_pretrained(str(tmp_path / name))
+
+    llama = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    a, b, c = (saved(name, LlamaForCausalLM(llama), r) for name, r in (("llama_a", 2), ("llama_b", 2), ("llama_c", 4)))
+    assert deploy.hotswap_blocker(a, b) is None
+    assert deploy.hotswap_blocker(a, c) == "the adapters differ in rank or adapted modules"
+    bert = saved("bert", tiny_bert(), 2)
+    assert "modules_to_save" in deploy.hotswap_blocker(bert, bert)
