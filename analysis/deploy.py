@@ -15,7 +15,7 @@ from lora_sweep import records
 MIB = 2**20
 HOW = "No deployment measurements: run `lora-deploy RESULTS_DIR` (`make sweep` does) to add them."
 NOTE = ("Times are medians over interleaved repeats with their interval for the median ([low, high]); each ratio is taken "
-        "within a repeat. Latency: the base model (adapter disabled), the unmerged adapter and the merged model on real "
+        "within a repeat. Latency: the base model (no adapter), the unmerged adapter and the merged model on real "
         "eval batches. Swap: PEFT `load_adapter` + `set_adapter` of another run's adapter (another seed or rank of the "
         "same task: the load time depends on the adapter's size, not its task) against `from_pretrained` of the paired "
         "full-FT checkpoint into a fresh model object; warm: the files are in the page cache, cold: their pages were "

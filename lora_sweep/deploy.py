@@ -1,9 +1,9 @@
-"""`lora-deploy RESULTS_DIR`: what a saved LoRA adapter promises at deployment, measured on real eval batches.
+"""`lora-deploy RESULTS_DIR`: what a saved LoRA adapter promises at deployment, measured on real eval batches (CPU).
 
 For each measured LoRA run (default: the rank the analysis recommends, else the rank with the best estimate, seed 0)
 one record `<RESULTS_DIR>/deploy/<run_id>.json` holds:
 - merge: the largest |merged - unmerged| output over the whole eval split (fp32) and the metric before and after;
-- latency: base model (adapter disabled) / unmerged adapter / merged model, at batch 1 and 32, ratios to base;
+- latency: base model (no adapter) / unmerged adapter / merged model, at batch 1 and 32, ratios to base;
 - swap: switching a loaded model to another run's adapter (PEFT load_adapter + set_adapter; PEFT's hotswap where
   it applies) against loading the paired full-FT checkpoint into a fresh model object, with the page cache warm and
   cold (the files' pages evicted first); both sizes on disk;
