@@ -13,8 +13,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 .PHONY: setup sweep test
 setup: $(VENV)/.installed
 
-sweep: $(VENV)/.installed
-	$(VENV)/bin/lora-sweep +sweep=rank
+sweep: $(VENV)/.installed                           # train, measure the chosen rank's deployment, then analyse
+	$(VENV)/bin/lora-sweep +sweep=rank analyze=false
+	$(VENV)/bin/lora-deploy results
+	$(VENV)/bin/lora-analyze results
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -25,7 +25,7 @@ SPLIT = ["weights", "gradients", "optimizer", "activations", "other"]
 FULL_COLOR = "black"
 
 
-def _save(fig, folder: Path, name: str) -> Path:
+def save(fig, folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     for suffix in ("png", "svg"):
@@ -100,7 +100,7 @@ def metric_vs_params(points, full, title, metric, folder, name) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_title(f"{title}: {metric} against trainable parameters")
-    return _save(fig, folder, name)
+    return save(fig, folder, name)
 
 
 def metric_vs_memory(points, full, title, metric, device, folder, name) -> Path:
@@ -109,7 +109,7 @@ def metric_vs_memory(points, full, title, metric, device, folder, name) -> Path:
     what = "peak GPU memory (tensor bytes, MiB)" if device == "cuda" else "peak tensor memory on CPU (MiB)"
     ax.set_xlabel(what)
     ax.set_title(f"{title}: {metric} against peak memory")
-    return _save(fig, folder, name)
+    return save(fig, folder, name)
 
 
 def memory_split(points, full, title, folder, name) -> Path:
@@ -134,7 +134,7 @@ def memory_split(points, full, title, folder, name) -> Path:
     ax.set_title(f"{title}: peak memory split ({series})")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, folder, name)
+    return save(fig, folder, name)
 
 
 def metric_vs_rank(points, full, title, metric, folder, name) -> Path:
@@ -152,7 +152,7 @@ def metric_vs_rank(points, full, title, metric, folder, name) -> Path:
     ax.set_title(f"{title}: {metric} against rank, by alpha policy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, folder, name)
+    return save(fig, folder, name)
 
 
 def _mean_curve(curves: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +179,7 @@ def loss_curves(runs: pd.DataFrame, title, folder, name) -> Path:
     ax.set_title(f"{title}: training loss" + (f" ({main})" if main else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, folder, name)
+    return save(fig, folder, name)
 
 
 def metric_vs_lr(agg: pd.DataFrame, title, metric, folder, name) -> Path:
@@ -200,7 +200,7 @@ def metric_vs_lr(agg: pd.DataFrame, title, metric, folder, name) -> Path:
     ax.set_title(f"{title}: {metric} against learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, folder, name)
+    return save(fig, folder, name)
 
 
 def overview(panels: list[tuple[str, pd.DataFrame, pd.Series | None, str]], folder: Path, name: str) -> Path:
@@ -222,4 +222,4 @@ def overview(panels: list[tuple[str, pd.DataFrame, pd.Series | None, str]], fold
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    return _save(fig, folder, name)
+    return save(fig, folder, name)

@@ -1,24 +1,17 @@
-"""Set-up shared by the benchmarks, and the statistics of interleaved repeats.
+"""Set-up shared by the benchmarks (their interleaved repeats and statistics are lora_sweep.timing's).
 
 Everything a benchmark trains goes through the harness's own code, as `experiment._train_and_measure` does:
 `settings.compose` -> `experiment.plan` -> `data.prepare` (the token cache) -> the family's `collator` ->
 `batching.train_plan` -> the family's `load_model` + `adapters.apply_method` -> `train.fit`; only the memory
 probe is off (it measures memory, not speed), unless a benchmark asks for it.
-
-Timings are only comparable within one process: variants are interleaved (the order rotates every repeat, so
-a slow drift of the machine hits each variant equally) and every ratio is taken within a repeat, then
-summarised over repeats by its median, a distribution-free interval for that median (order statistics) and the
-min-max range.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import os
 import platform
-import statistics
 import time
 from typing import Any, Callable
 
@@ -101,58 +94,6 @@ def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, m
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-# ---- interleaved repeats and their statistics ------------------------------------------------------------------
-
-def interleaved(variants: dict[str, Callable[[], dict[str, float]]], repeats: int,
-                show: Callable[[dict[str, float]], str]) -> dict[str, list[dict[str, float]]]:
-    """Run every variant once per repeat, the order rotated each repeat (A B C, B C A, C A B, ...); print one line per run."""
-    names = list(variants)
-    out: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    for k in range(repeats):
-        order = names[k % len(names):] + names[:k % len(names)]
-        for name in order:
-            out[name].append(variants[name]())
-            print(f"  repeat {k + 1}/{repeats}  {name:<28s} {show(out[name][-1])}", flush=True)
-    return out
-
-
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Distribution-free interval for the median of repeats: order statistics x_(k) and x_(n+1-k), with the largest k
-    whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least `level` (k = 1, the min-max range, below 6 repeats:
-    its coverage 1 - 2^(1-n) is then less: 75 % for 3 repeats, 94 % for 5). Returns (low, high, coverage).
-
-    Exact for any distribution of the timings (unlike a bootstrap, which is unreliable with a handful of repeats);
-    from 9 repeats on it leaves out the most extreme repeat on each side, so one disturbed repeat does not widen it."""
-    x = sorted(values)
-    n = len(x)
-
-    def coverage(k: int) -> float:
-        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
-
-    k = 1
-    while k + 1 <= n // 2 and coverage(k + 1) >= level:
-        k += 1
-    return x[k - 1], x[n - k], coverage(k)
-
-
-def spread(values: list[float], fmt: str = ".3f") -> str:
-    """'median  [C % interval a-b (+-h %); min-max a-b; n repeats]' for a figure measured once per repeat."""
-    n = len(values)
-    median = statistics.median(values)
-    text = f"{median:{fmt}}"
-    if n < 2:
-        return f"{text}  [1 repeat: no spread]"
-    lo, hi, cover = median_interval(values)
-    half = 100 * (hi - lo) / 2 / median if median else float("nan")
-    return (f"{text}  [{100 * cover:.0f} % interval for the median {lo:{fmt}}-{hi:{fmt}} (+-{half:.1f} %); "
-            f"min-max {min(values):{fmt}}-{max(values):{fmt}}; {n} repeats]")
-
-
-def ratios(num: list[dict[str, float]], den: list[dict[str, float]], key: str) -> list[float]:
-    """Per-repeat ratios num[key] / den[key] (runs of the same repeat paired)."""
-    return [a[key] / b[key] for a, b in zip(num, den)]
 
 
 def cpu_name() -> str:

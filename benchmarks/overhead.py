@@ -45,7 +45,8 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 import common
-from lora_sweep import batching
+
+from lora_sweep import batching, timing
 
 
 def bare_run(bench: common.Bench, schedule: batching.Plan) -> tuple[float, list[float]]:
@@ -123,7 +124,7 @@ def main() -> None:
     for run in variants.values():
         run(warm)
     print(f"  warm-up done ({common.elapsed(start)}); timed runs:", flush=True)
-    runs = common.interleaved(variants, args.repeats, lambda r: f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s")
+    runs = timing.interleaved(variants, args.repeats, lambda r: f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s")
 
     same = max(abs(a - b) for name in variants if name != "bare" for a, b in zip(losses[name], losses["bare"]))
     print(f"\nresults ({args.steps} steps per run; medians over {args.repeats} repeats; wall time {common.elapsed(start)}):")
@@ -136,13 +137,13 @@ def main() -> None:
     for name in variants:
         if name == "bare":
             continue
-        r = common.ratios(runs[name], runs["bare"], "s_per_step")
-        lo, hi, cover = common.median_interval(r) if len(r) > 1 else (r[0], r[0], 0.0)
+        r = timing.ratios(runs[name], runs["bare"], "s_per_step")
+        lo, hi, cover = timing.median_interval(r) if len(r) > 1 else (r[0], r[0], 0.0)
         if cover < 0.9:
             verdict = f"undecided ({len(r)} repeats give no interval of 90 % or more: use --repeats 5 or more)"
         else:
             verdict = "met" if hi <= 1.05 else "missed" if lo > 1.05 else "undecided (the interval straddles 1.05: more repeats)"
-        print(f"  ratio {name}/bare s/step: {common.spread(r)}\n    target <= 1.05: {verdict}")
+        print(f"  ratio {name}/bare s/step: {timing.spread(r)}\n    target <= 1.05: {verdict}")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-from lora_sweep import batching
+
+from lora_sweep import batching, timing
 
 MATMUL_N = 2048
 MATMUL_CALLS = 5  # timed calls per repeat (after warm-up); the repeat's figure is their median
@@ -245,15 +246,15 @@ def main() -> None:
             return f"{r['gflops']:7.1f} GFLOP/s ({MATMUL_N}^3), {r['gflops_ffn']:7.1f} GFLOP/s (FFN shape)"
         return f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s  {r['gflops_useful']:6.1f} useful GFLOP/s"
 
-    runs = common.interleaved(variants, args.repeats, show)
+    runs = timing.interleaved(variants, args.repeats, show)
     med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
 
     print(f"\nresults ({args.steps} steps of {bench.train.batch_size} per run, medians over {args.repeats} repeats; "
           f"wall time {common.elapsed(start)}):")
     mm = [r["gflops"] for r in runs["matmul"]]
-    print(f"(a) dense {dtype_name} matmul {MATMUL_N}x{MATMUL_N}x{MATMUL_N}, {bench.threads} threads, GFLOP/s: {common.spread(mm, '.1f')}")
+    print(f"(a) dense {dtype_name} matmul {MATMUL_N}x{MATMUL_N}x{MATMUL_N}, {bench.threads} threads, GFLOP/s: {timing.spread(mm, '.1f')}")
     print(f"    FFN-shaped matmul [{ffn_rows} x {hidden}] @ [{hidden} x {inter}] (the median grouped batch's computed tokens), "
-          f"GFLOP/s: {common.spread([r['gflops_ffn'] for r in runs['matmul']], '.1f')}")
+          f"GFLOP/s: {timing.spread([r['gflops_ffn'] for r in runs['matmul']], '.1f')}")
     print(f"(b) training, {bench.settings.task.name} on {bench.settings.model.name}; GFLOP/s and '/(a)' per repeat against that repeat's matmul")
     print(f"    {'variant':<30s} {'s/step':>8s} {'real tok/s':>10s} {'comp tok/s':>10s} {'padding':>8s} "
           f"{'useful GF/s':>11s} {'comp GF/s':>10s} {'useful/(a)':>10s} {'comp/(a)':>9s}")
@@ -266,15 +267,15 @@ def main() -> None:
               f"{100 * statistics.median(useful_frac):9.1f}% {100 * statistics.median(comp_frac):8.1f}%")
     for variant, name, _ in rows[:2]:
         frac = [r["gflops_useful"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
-        print(f"    {bench.label(name)} useful GFLOP/s / (a): {common.spread(frac)}")
+        print(f"    {bench.label(name)} useful GFLOP/s / (a): {timing.spread(frac)}")
     comp_full, comp_lora = flops["full"].plan(grouped, bench.lengths)[1], flops["lora"].plan(grouped, bench.lengths)[1]
-    print(f"    LoRA / full FT s/step: {common.spread(common.ratios(runs[V_LORA], runs[V_FULL], 's_per_step'))}  "
+    print(f"    LoRA / full FT s/step: {timing.spread(timing.ratios(runs[V_LORA], runs[V_FULL], 's_per_step'))}  "
           f"(their matmul FLOPs alone would give {comp_lora / comp_full:.3f})")
     print(f"(c) length-grouped vs random batches, {bench.label('lora')}, same {args.steps} steps and seed: padding "
           f"{100 * tokens['grouped']['padding_fraction']:.1f} % grouped, {100 * tokens['random']['padding_fraction']:.1f} % random "
           f"({tokens['grouped']['real_tokens']} vs {tokens['random']['real_tokens']} real tokens per run)")
-    print(f"    grouped / random real tokens/s: {common.spread(common.ratios(runs[V_LORA], runs[V_RANDOM], 'tok_per_s'))}")
-    print(f"    random / grouped s/step:        {common.spread(common.ratios(runs[V_RANDOM], runs[V_LORA], 's_per_step'))}")
+    print(f"    grouped / random real tokens/s: {timing.spread(timing.ratios(runs[V_LORA], runs[V_RANDOM], 'tok_per_s'))}")
+    print(f"    random / grouped s/step:        {timing.spread(timing.ratios(runs[V_RANDOM], runs[V_LORA], 's_per_step'))}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 
 Target presets are named per architecture family and resolved to the model's own module names,
 so a preset means the same matrices on BERT, DeBERTa or a Llama-style decoder, and the record
-can say exactly which matrices were adapted.
+can say exactly which matrices were adapted. LoRA is not limited to linear layers: the `embeddings`
+preset adapts the word embeddings (PEFT's embedding LoRA), and convolutions named by the user get
+PEFT's Conv1d/Conv2d LoRA. Per unit of rank an adapter adds (d + k) parameters to a d x k linear
+layer, (vocab + hidden) to an embedding and (c_in * kernel + c_out) to a convolution (`width`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -25,25 +29,33 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "qv": ["attention.self.query", "attention.self.value"],
         "qkvo": ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"],
         "mlp": ["intermediate.dense", r".*\.layer\.\d+\.output\.dense"],
+        "embeddings": ["embeddings.word_embeddings"],
     },
     "deberta": {
         "qv": ["attention.self.query_proj", "attention.self.value_proj"],
         "qkvo": ["attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj", "attention.output.dense"],
         "mlp": ["intermediate.dense", r".*\.layer\.\d+\.output\.dense"],
+        "embeddings": ["embeddings.word_embeddings"],
     },
     "llama": {
         "qv": ["q_proj", "v_proj"],
         "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "mlp": ["gate_proj", "up_proj", "down_proj"],
+        "embeddings": ["embed_tokens"],
     },
+    "conv": {},  # convolutional networks: no presets, the user names the modules to adapt
 }
 FAMILY_OF_MODEL_TYPE = {
     "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
     "deberta-v2": "deberta",
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
+    "resnet": "conv",
 }
-# Modules trained in both methods as the task head (kept out of the adapter and out of `all_linear`).
-HEADS: dict[str, list[str]] = {"bert": ["pooler", "classifier"], "deberta": ["pooler", "classifier"], "llama": []}
+# Modules trained in both methods as the task head (kept out of the adapter and out of `all_linear`). The pooler's
+# linear layer rather than the whole pooler: PEFT routes a mixed batch (`adapter_names=`) through Linear heads only.
+HEADS: dict[str, list[str]] = {"bert": ["pooler.dense", "classifier"], "deberta": ["pooler.dense", "classifier"], "llama": [],
+                               "conv": ["classifier"]}
+ADAPTABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)  # the layer types PEFT's LoRA adapts here
 NEVER_ADAPTED = ("lm_head",)
 
 
@@ -70,26 +82,44 @@ def _is_head(name: str, family: str) -> bool:
     return any(_matches(name, h) or any(part == h for part in name.split(".")) for h in HEADS[family])
 
 
-def linear_modules(model: nn.Module, family: str) -> dict[str, nn.Linear]:
-    """Every adaptable linear layer: outside the task head and never the LM head."""
+def adaptable_modules(model: nn.Module, family: str) -> dict[str, nn.Module]:
+    """Every layer LoRA can adapt (linear, embedding, convolution): outside the task head and never the LM head."""
     return {
         name: module for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not _is_head(name, family) and not name.endswith(NEVER_ADAPTED)
+        if isinstance(module, ADAPTABLE) and not _is_head(name, family) and not name.endswith(NEVER_ADAPTED)
     }
+
+
+def shape(module: nn.Module) -> tuple[int, int]:
+    """(fan-in, fan-out) of the weight LoRA adapts: an adapter of rank r is a (fan-in x r) by (r x fan-out) product."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):  # A: a conv of the same kernel into r channels; B: a 1x1 conv out (groups=1)
+        return module.in_channels * math.prod(module.kernel_size), module.out_channels
+    return module.in_features, module.out_features
+
+
+def width(module: nn.Module) -> int:
+    """Adapter parameters per unit of rank: d + k, vocab + hidden, or c_in * kernel + c_out."""
+    return sum(shape(module))
 
 
 def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     """Full names of the modules a preset or explicit list selects; a clear error if it selects none."""
     family = family_of(model)
-    candidates = linear_modules(model, family)
+    candidates = adaptable_modules(model, family)
     if targets == "all_linear":
-        chosen = list(candidates)
+        chosen = [name for name, module in candidates.items() if isinstance(module, nn.Linear)]
+    elif isinstance(targets, str) and targets not in PRESETS[family]:
+        raise UserError(f"method.targets={targets!r} is not defined for {model.config.model_type} models; "
+                        f"use {', '.join([*PRESETS[family], 'all_linear'])} or a list of module names")
     else:
         patterns = PRESETS[family][targets] if isinstance(targets, str) else list(targets)
         chosen = [name for name in candidates if any(_matches(name, p) for p in patterns)]
     if not chosen:
         kinds = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in candidates})
-        raise UserError(f"method.targets={targets!r} matches no linear module of this model; its linear modules are: {', '.join(kinds)}")
+        raise UserError(f"method.targets={targets!r} matches no adaptable module of this model; its linear, embedding and "
+                        f"convolution modules are: {', '.join(kinds)}")
     return chosen
 
 
@@ -98,7 +128,7 @@ def check_lora(model: nn.Module, method: MethodSettings) -> list[str]:
 
     Works on a model built on the meta device, so a sweep can check every run before training any."""
     targets = resolve_targets(model, method.targets)
-    smallest = min(min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in targets)
+    smallest = min(min(shape(model.get_submodule(n))) for n in targets)
     if method.r > smallest:
         raise UserError(f"method.r={method.r} is larger than the smallest adapted matrix allows; use r <= {smallest}")
     return targets
@@ -106,10 +136,10 @@ def check_lora(model: nn.Module, method: MethodSettings) -> list[str]:
 
 def budget_rank(model: nn.Module, method: MethodSettings) -> int:
     """The rank at which `method.targets` has as many adapter parameters as `method.match_budget` at rank `method.r`."""
-    def width(targets) -> int:  # sum of (d + k) over the adapted matrices: parameters per unit of rank
-        return sum(model.get_submodule(n).in_features + model.get_submodule(n).out_features for n in resolve_targets(model, targets))
+    def total_width(targets) -> int:
+        return sum(width(model.get_submodule(n)) for n in resolve_targets(model, targets))
 
-    return max(1, round(method.r * width(method.match_budget) / width(method.targets)))
+    return max(1, round(method.r * total_width(method.match_budget) / total_width(method.targets)))
 
 
 def _init_value(init: str) -> bool | str:

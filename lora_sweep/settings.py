@@ -25,7 +25,7 @@ from lora_sweep.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-TARGET_PRESETS = ("qv", "qkvo", "mlp", "all_linear")
+TARGET_PRESETS = ("qv", "qkvo", "mlp", "all_linear", "embeddings")
 ALPHA_POLICIES = ("fixed", "ratio")
 DISTRIBUTED = ("none", "ddp", "fsdp")  # one process; data parallel; fully sharded (lora_sweep.distributed)
 INIT_CHOICES = ("true", "false", "gaussian", "olora", "pissa", "orthogonal")  # not eva: it needs a data pass before training

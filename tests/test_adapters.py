@@ -59,7 +59,7 @@ def test_full_fine_tuning_trains_everything_and_counts_the_head():
 def test_explicit_target_list_and_its_errors():
     _, adapted = adapters.apply_method(tiny_bert(), lora(targets=["query"]), "SEQ_CLS")
     assert adapted == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(LAYERS)]
-    with pytest.raises(UserError, match=r"matches no linear module.*attention\.self\.query"):
+    with pytest.raises(UserError, match=r"matches no adaptable module.*attention\.self\.query"):
         adapters.apply_method(tiny_bert(), lora(targets=["q_proj"]), "SEQ_CLS")
 
 

@@ -38,8 +38,9 @@ def done_records(tmp_path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["method.targets=qvx"], "method.targets='qvx' is not a preset; use one of qv, qkvo, mlp, all_linear"),
-    (["method.targets=[nothing_here]"], "matches no linear module of this model; its linear modules are: bert.encoder.layer.N.attention.output.dense, bert.encoder.layer.N.attention.self.key"),
+    (["method.targets=qvx"], "method.targets='qvx' is not a preset; use one of qv, qkvo, mlp, all_linear, embeddings"),
+    (["method.targets=[nothing_here]"], "matches no adaptable module of this model; its linear, embedding and convolution modules are: bert.embeddings.position_embeddings, "
+                                        "bert.embeddings.token_type_embeddings, bert.embeddings.word_embeddings, bert.encoder.layer.N.attention.output.dense"),
     (["method.r=0"], "method.r=0 must be >= 1"),
     (["method.r=1000"], "method.r=1000 is larger than the smallest adapted matrix allows; use r <= 384"),
     (["method.alpha=0"], "alpha=0.0 must be > 0"),
