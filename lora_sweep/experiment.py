@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
-from lora_sweep import adapters, batching, data, glue, identity, instruct, records
+from lora_sweep import adapters, batching, data, forgetting, glue, identity, instruct, records
 from lora_sweep.errors import UserError, file_errors, one_line
 from lora_sweep.evaluation import evaluate_split
 from lora_sweep.hub import model_source, resolve_model
@@ -192,6 +192,8 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     set_seed(s.train.seed)  # before the head and the adapter are initialised: same seed, same run
     model = p.family.load_model(p.model_path, s)
     base_total = sum(p_.numel() for p_ in model.parameters())
+    probe = forgetting.Probe(s, p.identity["config"]["model"], p.device)
+    probe.before(model.to(p.device), tokenizer)
     model, adapted = adapters.apply_method(model, p.method, p.family.TASK_TYPE)
     counts = adapters.count_parameters(model, base_total, p.method.name)
 
@@ -240,7 +242,8 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     out["tokens"].update(tune=tune["tokens"], dev=dev["tokens"])
     out.update(metrics=metrics, primary_metric=dev["primary_metric"], primary_value=metrics[dev["primary_metric"]],
                tune_metrics=tune["metrics"], tune_value=tune["metrics"][dev["primary_metric"]],
-               examples={"dev": dev["examples"], "tune": tune["examples"]}, time=time_fields)
+               examples={"dev": dev["examples"], "tune": tune["examples"]}, time=time_fields,
+               forgetting=probe.measure(model, tokenizer))
     out["artifact"] = _save(accelerator.unwrap_model(model), p) if s.train.save_adapter else None
     out["status"] = "done"
     return out

@@ -26,7 +26,8 @@ from lora_sweep.settings import MethodSettings, Settings, TaskSettings, TrainSet
 
 # Settings that change how a run is executed, logged or stored, never what it computes.
 NOT_RESULT = {
-    "train": ("threads", "device", "eval_batch_size", "log_every", "memory_probe", "save_adapter", "seed"),
+    "train": ("threads", "device", "eval_batch_size", "log_every", "memory_probe", "save_adapter", "seed",
+              "forgetting_examples", "forgetting_file"),  # a measurement beside training; the record holds its protocol
     "task": ("data_dir", "source"),  # replaced by the identity of the data actually read
 }
 INSTRUCT_ONLY = ("heldout_examples", "split_seed", "template", "generate_examples", "max_new_tokens", "generate_time_limit_s")

@@ -137,6 +137,8 @@ class TrainSettings:
     log_every: int = 10  # steps between logged losses
     memory_probe: bool = True  # measure one optimizer step's peak tensor memory and its split
     save_adapter: bool = True  # save the adapter (or full model) and record its size on disk
+    forgetting_examples: int = 160  # forgetting probe (lora_sweep.forgetting): STS-B dev pairs or texts, a fixed seeded subset (MiniLM: ~2.5 s at 1 thread); 0 = off
+    forgetting_file: str | None = None  # the probe's data: null = STS-B/dev.tsv of the GLUE folder; a decoder reads a text file, one document a line
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size", "log_every"):
@@ -145,6 +147,7 @@ class TrainSettings:
                f"train.max_steps={self.max_steps} must be >= 1, or -1 with train.epochs > 0")
         _check(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _check(self.forgetting_examples >= 0, f"train.forgetting_examples={self.forgetting_examples} must be >= 0 (0 = no forgetting probe)")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
         _check(self.divergence_factor > 1, f"train.divergence_factor={self.divergence_factor} must be > 1")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} is not allowed; use auto, cpu or cuda")

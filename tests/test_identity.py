@@ -92,7 +92,8 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         "seed": [((), ("train.seed=1",), DIFFERS)],  # and the same config id: test_seeds_are_replicates_of_one_configuration
         "device": [((), ("train.device=cpu",), DIFFERS if torch.cuda.is_available() else SAME)],  # the device as resolved
         **{name: [((), (f"train.{name}={value}",), SAME)] for name, value in {
-            "threads": 1, "eval_batch_size": 7, "log_every": 3, "memory_probe": "false", "save_adapter": "false"}.items()},
+            "threads": 1, "eval_batch_size": 7, "log_every": 3, "memory_probe": "false", "save_adapter": "false",
+            "forgetting_examples": 0, "forgetting_file": "{tmp}/text.txt"}.items()},
     },
     "logger": {name: [((), (override,), SAME)] for name, override in {
         "name": "logger=wandb", "project": "logger.project=other", "mode": "logger.mode=disabled"}.items()},
