@@ -51,9 +51,14 @@ def effective_rank(sigma: np.ndarray, level: float) -> int:
     return int(np.searchsorted(shares, level - 1e-12) + 1)
 
 
-def right_directions(delta: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k right singular vectors of ΔW as columns (d_in × k)."""
-    return torch.linalg.svd(delta.double(), full_matrices=False).Vh[:k].T
+def svd(delta: torch.Tensor):
+    """ΔW's thin SVD in float64 (U, S, Vh), computed once and shared by the measures below."""
+    return torch.linalg.svd(delta.detach().double(), full_matrices=False)
+
+
+def right_directions(factors, k: int) -> torch.Tensor:
+    """The top-k right singular vectors of ΔW (from `svd`) as columns (d_in × k)."""
+    return factors.Vh[:k].T
 
 
 def phi_grid(v1: torch.Tensor, v2: torch.Tensor) -> np.ndarray:
@@ -64,8 +69,8 @@ def phi_grid(v1: torch.Tensor, v2: torch.Tensor) -> np.ndarray:
     return cumulative / np.minimum(i, j)
 
 
-def amplification(delta: torch.Tensor, w0: torch.Tensor, r: int) -> float:
-    """‖ΔW‖_F / ‖U_rᵀ W₀ V_r‖_F with U_r, V_r the top-r singular vectors of ΔW (LoRA paper §7.3)."""
-    u, _, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+def amplification(factors, w0: torch.Tensor, r: int) -> float:
+    """‖ΔW‖_F / ‖U_rᵀ W₀ V_r‖_F with U_r, V_r the top-r singular vectors of ΔW (from `svd`; LoRA paper §7.3)."""
+    u, sigma, vh = factors
     projected = u[:, :r].T @ w0.double() @ vh[:r].T
-    return float(torch.linalg.norm(delta.double()) / torch.linalg.norm(projected))
+    return float(torch.linalg.norm(sigma) / torch.linalg.norm(projected))

@@ -86,6 +86,7 @@ class MethodSettings:
     use_dora: bool = False
     init: str = "true"  # PEFT's init_lora_weights
     match_budget: str | None = None  # a preset: choose r so the adapter is as large as that preset's at rank `r`
+    rank_pattern: Any = None  # per-module ranks (PEFT's rank_pattern): a preset in conf/rank_pattern/, a YAML/JSON file, or a mapping; others get `r`
 
     def validate(self) -> None:
         _check(self.name in ("lora", "full"), f"method={self.name!r} is unknown; use lora or full")
@@ -106,6 +107,8 @@ class MethodSettings:
                    f"method.targets={self.targets!r} must be a preset name or a non-empty list of module names")
         _check(self.match_budget is None or self.match_budget in TARGET_PRESETS,
                f"method.match_budget={self.match_budget!r} is not a preset; use one of {', '.join(TARGET_PRESETS)} or null")
+        _check(not (self.rank_pattern and self.match_budget), "method.rank_pattern and method.match_budget cannot be combined: "
+               "a rank pattern sets its own budget")
 
     @property
     def effective_alpha(self) -> float:

@@ -66,5 +66,7 @@ def test_amplification_of_an_update_along_w0s_weakest_directions_is_large():
     w0 = u @ torch.diag(torch.linspace(10, 0.01, 16, dtype=torch.float64)) @ v.T
     weak = u[:, -1:] @ v[:, -1:].T  # W0's smallest singular direction
     strong = u[:, :1] @ v[:, :1].T
-    assert diagnostics.amplification(weak, w0, 1) == pytest.approx(1 / 0.01, rel=1e-6)
-    assert diagnostics.amplification(strong, w0, 1) == pytest.approx(1 / 10, rel=1e-6)
+    assert diagnostics.amplification(diagnostics.svd(weak), w0, 1) == pytest.approx(1 / 0.01, rel=1e-6)
+    assert diagnostics.amplification(diagnostics.svd(strong), w0, 1) == pytest.approx(1 / 10, rel=1e-6)
+    top = diagnostics.right_directions(diagnostics.svd(3 * weak + strong), 2)  # singular values 3 (weak) and 1 (strong)
+    assert abs(float(top[:, 0] @ v[:, -1])) == pytest.approx(1.0) and abs(float(top[:, 1] @ v[:, 0])) == pytest.approx(1.0)
