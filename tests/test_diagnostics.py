@@ -70,3 +70,28 @@ def test_amplification_of_an_update_along_w0s_weakest_directions_is_large():
     assert diagnostics.amplification(diagnostics.svd(strong), w0, 1) == pytest.approx(1 / 10, rel=1e-6)
     top = diagnostics.right_directions(diagnostics.svd(3 * weak + strong), 2)  # singular values 3 (weak) and 1 (strong)
     assert abs(float(top[:, 0] @ v[:, -1])) == pytest.approx(1.0) and abs(float(top[:, 1] @ v[:, 0])) == pytest.approx(1.0)
+
+
+def _full_ft_tables(shapes: dict[str, tuple[int, int]], energy: dict[str, float]):
+    """update_ranks/update_spectra rows of one full-FT run whose module m has singular values energy[m] * 0.8^k."""
+    import pandas as pd
+
+    ranks = pd.DataFrame([{"run_id": "full", "method": "full", "module": m, "d_out": o, "d_in": i} for m, (o, i) in shapes.items()])
+    spectra = pd.DataFrame([{"run_id": "full", "module": m, "k": k + 1, "sigma": energy[m] * 0.8 ** k} for m in shapes for k in range(64)])
+    return ranks, spectra
+
+
+def test_the_advisor_meets_the_uniform_budget_exactly_and_gives_rank_where_the_energy_is():
+    from analysis.diagnostics import adapter_parameters, advise
+
+    shapes = {"l0.q": (384, 384), "l1.q": (384, 384), "l0.up": (1536, 384), "l1.up": (1536, 384), "l0.down": (384, 1536)}
+    energy = {"l0.q": 10.0, "l1.q": 1.0, "l0.up": 1.0, "l1.up": 1.0, "l0.down": 3.0}
+    ranks, spectra = _full_ft_tables(shapes, energy)
+    table = ranks.set_index("module")
+    for r in (1, 4, 8):
+        pattern = advise(ranks, spectra, list(shapes), r)
+        assert set(pattern) == set(shapes) and min(pattern.values()) >= 1
+        assert adapter_parameters(pattern, table) == adapter_parameters(dict.fromkeys(shapes, r), table)
+    pattern = advise(ranks, spectra, list(shapes), 8)
+    assert pattern["l0.q"] > 8 > pattern["l1.q"]  # the module with the larger update gets the rank
+    assert pattern["l0.up"] == pattern["l1.up"] == 8 and pattern["l0.down"] == 8  # equal spectra, or alone in its shape
