@@ -44,7 +44,7 @@ def _layer_and_matrix(name: str) -> tuple[int, str]:
 
 
 def _load(record: dict[str, Any], records_dir: Path):
-    """The run's settings, its task family and a fresh copy of its base model (with the task's head)."""
+    """The run's settings (its folders made absolute), its task family and the folder of its base model."""
     config = OmegaConf.create(record["config"])
     config.cache_dir = str((records_dir / record["config"]["cache_dir"]).resolve())
     config.results_dir, config.artifacts_dir = str(records_dir), str(records_dir)
@@ -236,16 +236,15 @@ def _ci(values: pd.Series) -> str:
 
 def _rank_summary(ranks: pd.DataFrame) -> pd.DataFrame:
     """Per method, rank and matrix type: effective ranks and amplification, mean over layers per seed, then mean ± 95 % CI over seeds."""
-    per_seed = (ranks[~ranks["rank_pattern"]].groupby(["method", "r", "matrix", "seed"], dropna=False)
-                [["rank90", "rank99", "amplification", "d_in", "d_out"]].mean().reset_index())
+    per_seed = (ranks[~ranks["rank_pattern"]].assign(order=lambda t: t["r"].fillna(0))
+                .groupby(["order", "method", "matrix", "seed"])[["rank90", "rank99", "amplification", "d_in", "d_out"]].mean().reset_index())
     rows = []
-    for (method, r, matrix), group in per_seed.groupby(["method", "r", "matrix"], dropna=False, sort=True):
-        rows.append({"method": "full FT" if method == "full" else f"LoRA r={int(r)}", "matrix": matrix,
+    for (order, method, matrix), group in per_seed.groupby(["order", "method", "matrix"], sort=True):  # full FT first, then by rank
+        rows.append({"method": "full FT" if method == "full" else f"LoRA r={int(order)}", "matrix": matrix,
                      "size": f"{int(group['d_out'].iloc[0])}×{int(group['d_in'].iloc[0])}", "seeds": len(group),
                      "rank 90 %": _ci(group["rank90"]), "rank 99 %": _ci(group["rank99"]),
                      "amplification": _ci(group["amplification"]) if method == "lora" else "-"})
-    order = {"full FT": -1}
-    return pd.DataFrame(rows).sort_values(["method", "matrix"], key=lambda c: c.map(lambda v: order.get(v, int(v.split("=")[1]) if "r=" in str(v) else 0)) if c.name == "method" else c)
+    return pd.DataFrame(rows)
 
 
 def section(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path, out: Path) -> list[str]:

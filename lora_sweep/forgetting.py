@@ -52,7 +52,7 @@ def _subset(count: int, n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(SUBSET_SEED).permutation(count)[:n])
 
 
-def _stsb(path: Path, n: int) -> tuple[list[str], list[str], np.ndarray]:
+def _stsb_pairs(path: Path, n: int) -> tuple[list[str], list[str], np.ndarray]:
     rows = glue.read_tsv(glue.task_spec("stsb"), path)
     rows = rows.select(_subset(len(rows), n))
     return rows["text_a"], rows["text_b"], np.asarray(rows["label"])
@@ -64,8 +64,8 @@ def _texts(path: Path, n: int, user_file: bool) -> list[str]:
         if not lines:
             raise UserError(f"train.forgetting_file={path} holds no text")
     else:
-        a, b, _ = _stsb(path, 10**9)
-        lines = list(dict.fromkeys([*a, *b]))  # each sentence once
+        rows = glue.read_tsv(glue.task_spec("stsb"), path)
+        lines = list(dict.fromkeys([*rows["text_a"], *rows["text_b"]]))  # each sentence once
     return [lines[i] for i in _subset(len(lines), n)]
 
 
@@ -131,7 +131,7 @@ class Probe:
         try:
             max_len = self.settings.train.max_seq_len
             if self.encoder:
-                return _stsb_spearman(model, tokenizer, _stsb(self.path, self.n), max_len, self.device)
+                return _stsb_spearman(model, tokenizer, _stsb_pairs(self.path, self.n), max_len, self.device)
             user_file = bool(self.settings.train.forgetting_file)
             return _cross_entropy(model, tokenizer, _texts(self.path, self.n, user_file), max_len, self.device)
         finally:
