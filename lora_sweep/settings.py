@@ -140,7 +140,7 @@ class TrainSettings:
     log_every: int = 10  # steps between logged losses
     memory_probe: bool = True  # measure one optimizer step's peak tensor memory and its split
     save_adapter: bool = True  # save the adapter (or full model) and record its size on disk
-    forgetting_examples: int = 160  # forgetting probe (lora_sweep.forgetting): STS-B dev pairs or texts, a fixed seeded subset (MiniLM: ~2.5 s at 1 thread); 0 = off
+    forgetting_examples: int = 160  # forgetting probe (lora_sweep.forgetting): STS-B dev pairs or texts, a fixed seeded subset (1 thread: MiniLM ~2.5 s, SmolLM2-135M ~11 s); 0 = off
     forgetting_file: str | None = None  # the probe's data: null = STS-B/dev.tsv of the GLUE folder; a decoder reads a text file, one document a line
 
     def validate(self) -> None:
