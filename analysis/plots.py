@@ -309,7 +309,7 @@ def learning_vs_forgetting(points: pd.DataFrame, full: pd.Series | None, title: 
     if full is not None and pd.notna(full.get("forgetting_mean")):
         ax.errorbar([full["forgetting_mean"]], [scale * full["primary_value_mean"]], xerr=[np.nan_to_num(full["forgetting_ci95"])],
                     yerr=[scale * np.nan_to_num(full["primary_value_ci95"])], marker="s", color=FULL_COLOR, capsize=3, label="full FT")
-    ax.set_xlabel("forgetting (probe before − after, see report; higher = forgot more)")
+    ax.set_xlabel("forgetting (the probe's loss after training; higher = forgot more; see the report)")
     ax.set_ylabel(label)
     ax.set_title(f"{title}: learning against forgetting")
     ax.grid(alpha=0.3)
