@@ -173,7 +173,7 @@ def test_bad_sweeps_stop_before_any_training(tmp_path, tiny_bert_dir, overrides,
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': alpha, glue, instruct"),
+    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': advisor, alpha, glue"),
     (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'; Available options in 'hydra/launcher': basic, joblib, local"),
 ])
 def test_unknown_preset_or_launcher_is_refused(tmp_path, tiny_bert_dir, overrides, message):
