@@ -29,18 +29,6 @@ def lora_deltas(model: nn.Module, adapter: str = ADAPTER) -> dict[str, torch.Ten
     return deltas
 
 
-def singular_values(delta: torch.Tensor) -> np.ndarray:
-    """Singular values in decreasing order, in float64."""
-    return torch.linalg.svdvals(delta.detach().double()).numpy()
-
-
-def energy_at_rank(sigma: np.ndarray, r: int) -> float:
-    """Share of ‖ΔW‖²_F held by the top r singular values (1.0 for a zero update: nothing is missing)."""
-    energy = np.square(np.asarray(sigma, dtype=float))
-    total = energy.sum()
-    return float(energy[:r].sum() / total) if total > 0 else 1.0
-
-
 def effective_rank(sigma: np.ndarray, level: float) -> int:
     """The fewest singular values holding `level` (e.g. 0.9) of the energy; 0 for a zero update."""
     energy = np.square(np.sort(np.asarray(sigma, dtype=float))[::-1])

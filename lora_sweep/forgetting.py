@@ -15,7 +15,6 @@ same thing. "Before" depends only on the base weights and the probe: it is compu
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time

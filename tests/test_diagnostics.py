@@ -39,13 +39,12 @@ def test_effective_rank_of_a_known_spectrum_is_exact():
     sigma = np.sqrt([50.0, 30.0, 10.0, 6.0, 3.0, 1.0])  # energies sum to 100
     u, v = _orthonormal(20, 6, seed=4), _orthonormal(10, 6, seed=5)
     matrix = u @ torch.diag(torch.tensor(sigma)) @ v.T
-    found = diagnostics.singular_values(matrix)[:6]
+    found = diagnostics.svd(matrix).S.numpy()[:6]
     assert np.allclose(found, sigma)
     assert diagnostics.effective_rank(found, 0.80) == 2  # 50 + 30 = 80 exactly
     assert diagnostics.effective_rank(found, 0.90) == 3
     assert diagnostics.effective_rank(found, 0.99) == 5
     assert diagnostics.effective_rank(np.zeros(4), 0.9) == 0
-    assert diagnostics.energy_at_rank(found, 3) == pytest.approx(0.90)
 
 
 def test_delta_w_of_an_untrained_lora_is_zero_and_is_scale_b_a_once_b_is_set(one_thread):
@@ -58,7 +57,7 @@ def test_delta_w_of_an_untrained_lora_is_zero_and_is_scale_b_a_once_b_is_set(one
     torch.nn.init.normal_(layer.lora_B["default"].weight)
     expected = 8 / 4 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     assert torch.allclose(diagnostics.lora_deltas(model)[name], expected.double(), atol=1e-6)
-    assert diagnostics.effective_rank(diagnostics.singular_values(expected), 0.999) <= 4
+    assert diagnostics.effective_rank(diagnostics.svd(expected).S.numpy(), 0.999) <= 4
 
 
 def test_amplification_of_an_update_along_w0s_weakest_directions_is_large():
