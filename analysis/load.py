@@ -27,6 +27,10 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     targets = record.get("targets")
     budget = record.get("budget") or {}
     environment = record.get("environment") or {}
+    forgetting = record.get("forgetting") or {}
+    label = targets if isinstance(targets, str) or targets is None else ",".join(targets)
+    if record.get("rank_pattern"):  # its own series: never a learning-rate variant of the uniform rank
+        label = f"{label}, rank_pattern {record.get('rank_pattern_source')}"
     row = {
         "run_id": record["run_id"],
         "config_id": record["config_id"],
@@ -42,7 +46,8 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "alpha": record.get("alpha"),
         "alpha_policy": record.get("alpha_policy"),
         "scaling": record.get("scaling"),
-        "targets": targets if isinstance(targets, str) or targets is None else ",".join(targets),
+        "targets": label,
+        "rank_pattern": bool(record.get("rank_pattern")),
         "seed": record.get("seed"),
         "lr": record.get("lr"),
         "baseline_run_id": record.get("baseline_run_id"),
@@ -77,6 +82,9 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "grad_after_backward_mib": memory["grad_bytes_after_backward"] / MIB if memory.get("grad_bytes_after_backward") else None,
         "examples": (record.get("examples") or {}).get("dev"),  # per-example outputs: for the paired tests, not for export
         "finished_at": record.get("finished_at"),
+        "forgetting": forgetting.get("forgetting"),  # lora_sweep.forgetting: positive = worse after training
+        "forgetting_probe": forgetting.get("probe"),
+        "forgetting_before": forgetting.get("before"),
     }
     info = metric_info(record.get("primary_metric") or "")
     row.update(higher_is_better=info.higher_is_better, primary_scale=info.scale, primary_unit=info.unit)

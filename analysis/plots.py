@@ -223,3 +223,95 @@ def overview(panels: list[tuple[str, pd.DataFrame, pd.Series | None, str]], fold
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     return save(fig, folder, name)
+
+
+def update_spectra(curve: pd.DataFrame, ranks: pd.DataFrame, title: str, folder: Path, name: str) -> Path:
+    """Share of ‖ΔW‖²_F in the top k singular values, per matrix type: full FT against each LoRA rank (mean over
+    layers and seeds); a LoRA update of rank r reaches 1 by k = r, full FT's far later."""
+    about = ranks.drop_duplicates(["run_id", "module"])[["run_id", "module", "method", "r", "matrix", "rank_pattern"]]
+    data = curve.merge(about, on=["run_id", "module"])
+    data = data[~data["rank_pattern"]]
+    matrices = sorted(data["matrix"].unique())
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices), 3.4), sharey=True, squeeze=False)
+    lora_ranks = sorted(data.loc[data["method"] == "lora", "r"].unique())
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(lora_ranks))))
+    for ax, matrix in zip(axes[0], matrices):
+        part = data[data["matrix"] == matrix]
+        full = part[part["method"] == "full"].groupby("k")["share"].mean()
+        if len(full):
+            ax.plot(full.index, full.values, color=FULL_COLOR, lw=2, label="full FT")
+        for color, r in zip(colors, lora_ranks):
+            line = part[(part["method"] == "lora") & (part["r"] == r)].groupby("k")["share"].mean()
+            if len(line):
+                ax.plot(line.index, line.values, color=color, lw=1, label=f"LoRA r={int(r)}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(matrix, fontsize=8)
+        ax.set_xlabel("top k singular values")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of ‖ΔW‖² (energy)")
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), fontsize=6, loc="lower right")
+    fig.suptitle(f"{title}: spectra of the updates ΔW", fontsize=10)
+    return save(fig, folder, name)
+
+
+def effective_rank_heatmaps(ranks: pd.DataFrame, title: str, folder: Path, name: str, level: str = "rank90") -> Path:
+    """Effective rank (90 % of the energy) per layer and matrix type, mean over seeds: full FT and the highest LoRA rank."""
+    uniform = ranks[~ranks["rank_pattern"]]
+    panels = [("full FT", uniform[uniform["method"] == "full"])]
+    lora = uniform[uniform["method"] == "lora"]
+    if len(lora):
+        high = lora["r"].max()
+        panels.append((f"LoRA r={int(high)}", lora[lora["r"] == high]))
+    panels = [(label, part) for label, part in panels if len(part)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (label, part) in zip(axes[0], panels):
+        grid = part.groupby(["layer", "matrix"])[level].mean().unstack("matrix")
+        image = ax.imshow(grid.values, cmap="magma", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid.values):
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < grid.values.max() / 2 else "black")
+        ax.set_xticks(range(grid.shape[1]), [m.replace("attention.", "attn.") for m in grid.columns], rotation=30, ha="right", fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), grid.index)
+        ax.set_ylabel("layer")
+        ax.set_title(f"{label}: rank holding 90 % of ‖ΔW‖²", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, folder, name)
+
+
+def phi_heatmaps(phi: pd.DataFrame, title: str, folder: Path, name: str) -> Path:
+    """Subspace similarity φ(i, j) (LoRA paper Figures 3-4), mean over layers and pairs, per comparison and matrix."""
+    panels = list(phi.groupby(["comparison", "matrix"], sort=True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, ((comparison, matrix), part) in zip(axes[0], panels):
+        grid = part.pivot(index="i", columns="j", values="phi")
+        image = ax.imshow(grid.values, cmap="viridis", vmin=0, vmax=1, aspect="auto", origin="upper",
+                          extent=(0.5, grid.shape[1] + 0.5, grid.shape[0] + 0.5, 0.5))
+        ax.set_xlabel("j (directions of the second)")
+        ax.set_ylabel("i (directions of the first)")
+        ax.set_title(f"{comparison}\n{matrix}", fontsize=7)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"{title}: subspace similarity φ(i, j) of ΔW's top right singular vectors", fontsize=9)
+    return save(fig, folder, name)
+
+
+def learning_vs_forgetting(points: pd.DataFrame, full: pd.Series | None, title: str, metric: str, folder: Path, name: str) -> Path:
+    """Eval metric (learning) against forgetting, each with its 95 % interval over seeds; one point per rank and full FT."""
+    scale, label = view(metric)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for series, group in points.groupby("series", sort=True):
+        group = group.sort_values("r")
+        ax.errorbar(group["forgetting_mean"], scale * group["primary_value_mean"], xerr=group["forgetting_ci95"].fillna(0),
+                    yerr=scale * group["primary_value_ci95"].fillna(0), marker="o", capsize=3, lw=0.8, label=series)
+        for _, row in group.iterrows():
+            ax.annotate(f"r={int(row['r'])}", (row["forgetting_mean"], scale * row["primary_value_mean"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    if full is not None and pd.notna(full.get("forgetting_mean")):
+        ax.errorbar([full["forgetting_mean"]], [scale * full["primary_value_mean"]], xerr=[np.nan_to_num(full["forgetting_ci95"])],
+                    yerr=[scale * np.nan_to_num(full["primary_value_ci95"])], marker="s", color=FULL_COLOR, capsize=3, label="full FT")
+    ax.set_xlabel("forgetting (the probe's loss after training; higher = forgot more; see the report)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{title}: learning against forgetting")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, folder, name)

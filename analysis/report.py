@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import deploy, plots
+from analysis import deploy, diagnostics, plots
 from analysis.load import load_records
 from analysis.tables import aggregate, compare_ranks, formatted, recommend, run_flags, tuned
 
@@ -73,7 +73,7 @@ def write(records_dir: str | Path, tolerance: float | None = None) -> Path:
     dest = Path(records_dir).parent
     stage = Path(tempfile.mkdtemp(dir=dest, prefix=".analysis-"))
     try:
-        _write(df, skipped, stage, tolerance, dest)
+        _write(df, skipped, stage, tolerance, Path(records_dir))
         _publish(stage, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -89,7 +89,7 @@ def _publish(stage: Path, dest: Path) -> None:
         os.replace(item, dest / item.name)
 
 
-def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | None, results_dir: Path) -> Path:
+def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | None, records_dir: Path) -> Path:
     df.drop(columns="examples").to_parquet(out / "runs.parquet", index=False)
     df.drop(columns="examples").to_csv(out / "runs.csv", index=False)
     agg = aggregate(df)
@@ -148,7 +148,8 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
         figure = plots.overview(panels, plots_dir, "overview")
         lines += ["## Overview across tasks", "", f"![overview]({figure.relative_to(out).as_posix()})", ""]
 
-    lines += deploy.section(results_dir, plots_dir, out)
+    lines += diagnostics.section(df, agg, records_dir, out)
+    lines += deploy.section(records_dir.parent, plots_dir, out)
     lines += _runs_not_done(df, skipped)
     report = out / "report.md"
     report.write_text("\n".join(lines))

@@ -23,7 +23,7 @@ from lora_sweep.metrics import metric_info
 DESCRIBE = ["config_id", "context_id", "task", "model", "method", "targets", "scaling", "alpha_policy", "r", "lr",
             "max_steps", "batch_size", "max_seq_len", "device", "primary_metric", "higher_is_better", "primary_scale",
             "primary_unit", "params_total"]
-MEASURES = ["primary_value", "tune_value", "params_trainable", "peak_mib", "train_s", "grad_after_backward_mib"]
+MEASURES = ["primary_value", "tune_value", "params_trainable", "params_adapter", "peak_mib", "train_s", "grad_after_backward_mib", "forgetting"]
 CHANCE_MARGIN = 0.01  # a metric within one point of the best constant predictor's is flagged as chance level
 
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+import yaml
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from lora_sweep.errors import UserError
-from lora_sweep.settings import MethodSettings
+from lora_sweep.settings import CONF_DIR, MethodSettings
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not ours to fix
 
@@ -142,6 +145,46 @@ def budget_rank(model: nn.Module, method: MethodSettings) -> int:
     return max(1, round(method.r * total_width(method.match_budget) / total_width(method.targets)))
 
 
+RANK_PATTERN_DIR = Path(CONF_DIR) / "rank_pattern"  # presets of method.rank_pattern
+
+
+def _read_rank_pattern(source) -> dict:
+    """A {module: rank} mapping from an inline mapping, a preset name, or a YAML/JSON file."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    preset = RANK_PATTERN_DIR / f"{source}.yaml"
+    path = preset if preset.is_file() else Path(str(source)).expanduser()
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in RANK_PATTERN_DIR.glob("*.yaml"))) or "none"
+        raise UserError(f"method.rank_pattern={source!r} is neither a preset (presets: {presets}) nor a file")
+    try:
+        pattern = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"method.rank_pattern file {path} is not YAML or JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(pattern, dict):
+        raise UserError(f"method.rank_pattern file {path} must hold a mapping {{module name: rank}}")
+    return pattern
+
+
+def resolve_rank_pattern(model: nn.Module, method: MethodSettings, targets: list[str]) -> dict[str, int] | None:
+    """Every adapted module's rank from `method.rank_pattern` (keys: module names or suffixes, as in `targets`;
+    modules it does not name get `method.r`); None when there is no pattern or it gives every module `method.r`."""
+    if not method.rank_pattern:
+        return None
+    ranks = dict.fromkeys(targets, method.r)
+    for key, rank in _read_rank_pattern(method.rank_pattern).items():
+        matched = [name for name in targets if _matches(name, str(key))]
+        if not matched:
+            raise UserError(f"method.rank_pattern names {key!r}, which is not an adapted module (targets {method.targets!r})")
+        for name in matched:
+            module = model.get_submodule(name)
+            largest = min(module.in_features, module.out_features)
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= largest:
+                raise UserError(f"method.rank_pattern gives {name} rank {rank!r}; it must be an integer in 1..{largest}")
+            ranks[name] = rank
+    return ranks if any(rank != method.r for rank in ranks.values()) else None
+
+
 def _init_value(init: str) -> bool | str:
     lowered = str(init).lower()
     return {"true": True, "false": False}.get(lowered, lowered)
@@ -155,6 +198,7 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tu
         return model, []
     family = family_of(model)
     targets = check_lora(model, method)
+    ranks = resolve_rank_pattern(model, method, targets) or {}
     config = LoraConfig(
         task_type=task_type,
         r=method.r,
@@ -165,6 +209,9 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tu
         use_dora=method.use_dora,
         init_lora_weights=_init_value(method.init),
         modules_to_save=HEADS[family] or None,
+        # full names, anchored by PEFT's matcher; each module keeps the uniform run's scale alpha / r per direction
+        rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
+        alpha_pattern={re.escape(name): method.effective_alpha * rank / method.r for name, rank in ranks.items()},
     )
     return get_peft_model(model, config), targets
 

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging as hf_logging
 
-from lora_sweep import adapters, batching, data, distributed, glue, identity, instruct, records
+from lora_sweep import adapters, batching, data, distributed, forgetting, glue, identity, instruct, records
 from lora_sweep.errors import UserError, file_errors, one_line
 from lora_sweep.evaluation import evaluate_split
 from lora_sweep.hub import model_source, resolve_model
@@ -73,14 +73,16 @@ def plan(settings: Settings) -> Plan:
     path = resolve_model(settings.model.name_or_path, settings.cache_dir)
     device = resolve_device(settings.train.device)
     source = family.resolve_source(settings.task)
-    method, targets = settings.method, None
+    method, targets, ranks = settings.method, None, None
     if method.name == "lora":
         skeleton = family.load_model(path, settings, meta=True)
         if method.match_budget:
             method = dataclasses.replace(method, r=adapters.budget_rank(skeleton, method), match_budget=None)
         targets = adapters.check_lora(skeleton, method)
+        ranks = adapters.resolve_rank_pattern(skeleton, method, targets)
+        method = dataclasses.replace(method, rank_pattern=ranks)  # the resolved ranks: what apply_method trains
     ident = identity.experiment_identity(settings, method, targets, model_source(settings.model.name_or_path, path, settings.model.revision),
-                                         family.data_identity(settings.task, source), device)
+                                         family.data_identity(settings.task, source), device, ranks)
     return Plan(settings, method, family, path, device, source, ident, identity.run_id(ident))
 
 
@@ -144,6 +146,9 @@ def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: 
         "scaling": m.scaling_label if lora else None,
         "targets": (m.targets if isinstance(m.targets, str) else list(m.targets)) if lora else None,
         "match_budget": s.method.match_budget if lora else None,
+        "rank_pattern": m.rank_pattern if lora else None,  # each adapted module's rank, where not all are `r`
+        "rank_pattern_source": (Path(s.method.rank_pattern).stem if isinstance(s.method.rank_pattern, str) else "inline")
+                               if lora and m.rank_pattern else None,  # a preset's name, or a file's
         "lr": m.lr,
         "seed": s.train.seed,
         "baseline_run_id": baseline["run_id"] if baseline else None,
@@ -160,6 +165,10 @@ def _recorded_config(s: Settings) -> dict[str, Any]:
     for key in ("results_dir", "cache_dir", "artifacts_dir"):
         config[key] = records.portable(config[key], s.results_dir)
     config["task"]["data_dir"] = records.portable(s.task.data_dir, s.results_dir)
+    config["train"]["forgetting_file"] = records.portable(s.train.forgetting_file, s.results_dir)
+    pattern = s.method.rank_pattern
+    if isinstance(pattern, str) and not (adapters.RANK_PATTERN_DIR / f"{pattern}.yaml").is_file():
+        config["method"]["rank_pattern"] = records.portable(pattern, s.results_dir)
     return config
 
 
@@ -197,6 +206,8 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     set_seed(s.train.seed)  # before the head and the adapter are initialised: same seed, same run
     model = p.family.load_model(p.model_path, s)
     base_total = sum(p_.numel() for p_ in model.parameters())
+    probe = forgetting.Probe(s, p.identity["config"]["model"], p.device)
+    probe.before(model.to(p.device), tokenizer)
     model, adapted = adapters.apply_method(model, p.method, p.family.TASK_TYPE)
     counts = adapters.count_parameters(model, base_total, p.method.name)
 
@@ -249,7 +260,8 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     out["tokens"].update(tune=tune["tokens"], dev=dev["tokens"])
     out.update(metrics=metrics, primary_metric=dev["primary_metric"], primary_value=metrics[dev["primary_metric"]],
                tune_metrics=tune["metrics"], tune_value=tune["metrics"][dev["primary_metric"]],
-               examples={"dev": dev["examples"], "tune": tune["examples"]}, time=time_fields)
+               examples={"dev": dev["examples"], "tune": tune["examples"]}, time=time_fields,
+               forgetting=probe.measure(accelerator.unwrap_model(model), tokenizer))
     out["artifact"] = _save(accelerator, model, p) if s.train.save_adapter else None
     out["status"] = "done"
     return out

@@ -27,7 +27,8 @@ from lora_sweep.settings import MethodSettings, Settings, TaskSettings, TrainSet
 # Settings that change how a run is executed, logged or stored, never what it computes.
 NOT_RESULT = {
     # distributed: the processes split the same global batches; equal within float tolerance (tests/test_distributed.py)
-    "train": ("threads", "device", "eval_batch_size", "log_every", "memory_probe", "save_adapter", "seed", "distributed"),
+    "train": ("threads", "device", "eval_batch_size", "log_every", "memory_probe", "save_adapter", "seed", "distributed",
+              "forgetting_examples", "forgetting_file"),  # forgetting: a measurement beside training; the record holds its protocol
     "task": ("data_dir", "source"),  # replaced by the identity of the data actually read
 }
 INSTRUCT_ONLY = ("heldout_examples", "split_seed", "template", "generate_examples", "max_new_tokens", "generate_time_limit_s")
@@ -51,15 +52,20 @@ def file_digest(path: str | Path) -> str:
     return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def method_identity(method: MethodSettings, targets: list[str] | None = None) -> dict[str, Any]:
-    """A method as trained: full FT is its learning rate; LoRA's alpha is the effective one and its targets
-    the module names it adapts, so a preset and the same modules listed by name are one experiment."""
+def method_identity(method: MethodSettings, targets: list[str] | None = None,
+                    ranks: dict[str, int] | None = None) -> dict[str, Any]:
+    """A method as trained: full FT is its learning rate; LoRA's alpha is the effective one, its targets the module
+    names it adapts (a preset and the same modules listed by name are one experiment), and a rank pattern the rank
+    of each module (`ranks`, resolved: a preset and a file of the same ranks are one experiment; no pattern, or one
+    giving every module `r`, adds nothing, so runs without one keep their ids)."""
     fields = dataclasses.asdict(method)
     if method.name == "full":
         return {k: fields[k] for k in FULL_FT_FIELDS}
-    fields = {k: v for k, v in fields.items() if k not in (*LORA_SCALING, "match_budget")}
+    fields = {k: v for k, v in fields.items() if k not in (*LORA_SCALING, "match_budget", "rank_pattern")}
     fields.update(alpha=method.effective_alpha, init=str(method.init).lower(),
                   targets=sorted(targets) if targets is not None else method.targets)
+    if ranks:
+        fields["rank_pattern"] = dict(sorted(ranks.items()))
     return fields
 
 
@@ -79,12 +85,12 @@ def train_identity(train: TrainSettings) -> dict[str, Any]:
 
 
 def experiment_identity(settings: Settings, method: MethodSettings, targets: list[str] | None, model: dict[str, Any],
-                        data: dict[str, Any], device: str) -> dict[str, Any]:
+                        data: dict[str, Any], device: str, ranks: dict[str, int] | None = None) -> dict[str, Any]:
     """{"config": ..., "seed": ...}: everything that defines one experiment's result."""
     config = {
         "model": model,
         "task": task_identity(settings.task, data),
-        "method": method_identity(method, targets),
+        "method": method_identity(method, targets, ranks),
         "train": train_identity(settings.train),
         "device": {"type": device, "precision": "bf16 autocast" if device == "cuda" else "fp32"},
     }

@@ -87,6 +87,7 @@ class MethodSettings:
     use_dora: bool = False
     init: str = "true"  # PEFT's init_lora_weights
     match_budget: str | None = None  # a preset: choose r so the adapter is as large as that preset's at rank `r`
+    rank_pattern: Any = None  # per-module ranks (PEFT's rank_pattern): a preset in conf/rank_pattern/, a YAML/JSON file, or a mapping; others get `r`
 
     def validate(self) -> None:
         _check(self.name in ("lora", "full"), f"method={self.name!r} is unknown; use lora or full")
@@ -107,6 +108,8 @@ class MethodSettings:
                    f"method.targets={self.targets!r} must be a preset name or a non-empty list of module names")
         _check(self.match_budget is None or self.match_budget in TARGET_PRESETS,
                f"method.match_budget={self.match_budget!r} is not a preset; use one of {', '.join(TARGET_PRESETS)} or null")
+        _check(not (self.rank_pattern and self.match_budget), "method.rank_pattern and method.match_budget cannot be combined: "
+               "a rank pattern sets its own budget")
 
     @property
     def effective_alpha(self) -> float:
@@ -139,6 +142,8 @@ class TrainSettings:
     memory_probe: bool = True  # measure one optimizer step's peak tensor memory and its split
     save_adapter: bool = True  # save the adapter (or full model) and record its size on disk
     distributed: str = "none"  # none | ddp | fsdp: how the processes of one run (torchrun, accelerate launch, SLURM) share it
+    forgetting_examples: int = 160  # forgetting probe (lora_sweep.forgetting): STS-B dev pairs or texts, a fixed seeded subset (1 thread: MiniLM ~2.5 s, SmolLM2-135M ~11 s); 0 = off
+    forgetting_file: str | None = None  # the probe's data: null = STS-B/dev.tsv of the GLUE folder; a decoder reads a text file, one document a line
 
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size", "log_every"):
@@ -147,6 +152,7 @@ class TrainSettings:
                f"train.max_steps={self.max_steps} must be >= 1, or -1 with train.epochs > 0")
         _check(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _check(self.forgetting_examples >= 0, f"train.forgetting_examples={self.forgetting_examples} must be >= 0 (0 = no forgetting probe)")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
         _check(self.divergence_factor > 1, f"train.divergence_factor={self.divergence_factor} must be > 1")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} is not allowed; use auto, cpu or cuda")

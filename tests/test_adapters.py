@@ -1,5 +1,7 @@
 """LoRA through PEFT against the paper's arithmetic: (d+k)*r per adapted matrix, merge = no change in outputs."""
 
+import re
+
 import pytest
 import torch
 from peft import PeftModel
@@ -92,3 +94,30 @@ def test_merged_and_reloaded_adapters_reproduce_the_trained_outputs(tmp_path):
     with torch.no_grad():
         assert (reloaded(**base_inputs).logits - trained).abs().max() < 1e-5
         assert (merged(**base_inputs).logits - trained).abs().max() < 1e-5
+
+
+def test_a_rank_pattern_trains_each_module_at_its_rank_with_the_uniform_scale(tmp_path):
+    from lora_sweep.diagnostics import lora_deltas
+
+    pattern = tmp_path / "pattern.yaml"
+    pattern.write_text("bert.encoder.layer.0.attention.self.query: 2\nlayer.1.attention.self.value: 6\n")
+    method = MethodSettings(name="lora", lr=1e-3, r=4, alpha=8, rank_pattern=str(pattern))
+    model, targets = adapters.apply_method(tiny_bert(), method, "SEQ_CLS")
+    ranks = {name: model.base_model.model.get_submodule(name).r["default"] for name in targets}
+    assert ranks == {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.0.attention.self.value": 4,
+                     "bert.encoder.layer.1.attention.self.query": 4, "bert.encoder.layer.1.attention.self.value": 6}
+    scales = {model.base_model.model.get_submodule(name).scaling["default"] for name in targets}
+    assert scales == {8 / 4}  # alpha / r of the uniform run, for every module
+    assert adapters.count_parameters(model, 0, "lora").adapter == (2 + 4 + 4 + 6) * (64 + 64)
+    assert len(lora_deltas(model)) == 4
+
+
+@pytest.mark.parametrize("content,message", [("nothing.here: 2\n", "not an adapted module"), ("query: 0\n", "integer in 1..64"),
+                                              ("- a\n- b\n", "must hold a mapping"), ("query: [\n", "not YAML or JSON")])
+def test_a_bad_rank_pattern_is_one_error_naming_the_problem(tmp_path, content, message):
+    pattern = tmp_path / "pattern.yaml"
+    pattern.write_text(content)
+    with pytest.raises(UserError, match=re.escape(message)):
+        adapters.apply_method(tiny_bert(), MethodSettings(name="lora", lr=1e-3, r=4, rank_pattern=str(pattern)), "SEQ_CLS")
+    with pytest.raises(UserError, match="neither a preset"):
+        adapters.apply_method(tiny_bert(), MethodSettings(name="lora", lr=1e-3, r=4, rank_pattern="no_such_preset"), "SEQ_CLS")

@@ -8,6 +8,7 @@ the paired comparison with full fine-tuning measures.
 """
 
 import copy
+import shutil
 import subprocess
 import sys
 import zlib
@@ -15,6 +16,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from analysis import report, stats, tables
 from analysis.load import load_records
@@ -344,6 +346,23 @@ def test_report_lists_every_run_and_draws_the_plots(tmp_path, templates):
     assert "alpha=16" in (tmp_path / "plots" / f"{slug}_metric_vs_rank.svg").read_text()
     assert not (tmp_path / "plots" / f"{slug}_metric_vs_lr.svg").exists()  # no learning-rate grid here
     assert (tmp_path / "tables" / "recommendation.csv").is_file()
+    assert "no update analyses" in text  # these records' artifacts are elsewhere: one line, no crash
+    assert "learning against forgetting" in (tmp_path / "plots" / f"{slug}_forgetting.svg").read_text()
+
+
+def test_update_analyses_come_from_the_saved_artifacts_and_then_from_their_cached_tables(tmp_path, tiny_bert_dir):
+    runs = tmp_path / "runs"
+    experiment.run(compose(*TINY, "train.save_adapter=true", "train.forgetting_examples=16", f"model.name_or_path={tiny_bert_dir}",
+                           f"results_dir={runs}", f"cache_dir={tmp_path / 'cache'}"))
+    text = report.write(runs).read_text()
+    assert "measured from the saved artifacts of 2 runs" in text
+    ranks = pd.read_csv(tmp_path / "tables" / "update_ranks.csv")
+    assert set(ranks["method"]) == {"lora", "full"} and (ranks.loc[ranks["method"] == "lora", "rank90"] <= 8).all()
+    pattern = yaml.safe_load(next((tmp_path / "tables").glob("rank_pattern_*.yaml")).read_text())
+    assert sum(pattern.values()) == 8 * len(pattern) == 8 * 4  # tiny BERT, qv: one shape, so the same total rank as r=8
+    shutil.rmtree(runs / "artifacts")
+    again = report.write(runs).read_text()
+    assert "read from the cached tables" in again and "Rank advisor" in again
 
 
 def test_a_missing_baseline_is_stated(tmp_path, templates):

@@ -13,7 +13,7 @@ from lora_sweep.settings import compose as compose_settings
 from tests.conftest import SHARED_DATA
 
 FEW = ["train.max_steps=4", "train.batch_size=8", "train.log_every=2", "task.max_train_examples=64", "task.max_eval_examples=48",
-       "task.tune_examples=40", "train.threads=1"]
+       "task.tune_examples=40", "train.threads=1", "train.forgetting_examples=32"]
 
 
 def settings_for(tmp_path, *overrides):
@@ -76,6 +76,12 @@ def test_one_lora_run_writes_a_complete_record_with_its_baseline(tmp_path):
     assert baseline["identity"]["config"]["method"] == record["identity"]["config"]["baseline"]
     assert baseline["examples"]["dev"]["ids"] == examples["ids"] and baseline["examples"]["tune"]["ids"] == tune["ids"]  # paired
     assert baseline["tokens"]["train"] == record["tokens"]["train"]  # the same batches in the same order
+    # forgetting: one base-model value, computed once (by the baseline, which ran first) and reused
+    lost, base_lost = record["forgetting"], baseline["forgetting"]
+    assert lost["probe"] == "stsb_zero_shot_spearman" and lost["examples"] == 32 and lost["data"]["file"] == "STS-B/dev.tsv"
+    assert lost["before"] == base_lost["before"] and 70 < lost["before"] < 95  # MiniLM's own job: ~86 points zero-shot
+    assert lost["before_from_cache"] and not base_lost["before_from_cache"]
+    assert lost["forgetting"] == pytest.approx(lost["before"] - lost["after"]) and lost["forgetting"] != 0
 
 
 def test_same_seed_twice_gives_identical_results_and_the_second_is_skipped(tmp_path):

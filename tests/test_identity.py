@@ -76,13 +76,19 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         # qkvo has twice qv's (d + k) per layer on BERT: matching its budget at r=8 on qv trains r=16 on qv
         "match_budget": [(("method.r=16",), ("method.match_budget=qkvo",), SAME), ((), ("method.match_budget=qkvo",), DIFFERS),
                          (FULL, (*FULL, "method.match_budget=qkvo"), SAME)],
+        # the resolved rank of each module: other ranks differ; the same ranks spelled otherwise, or all at r, do not
+        "rank_pattern": [((), ("method.rank_pattern={tmp}/pattern.yaml",), DIFFERS),
+                         ((), ("method.rank_pattern={tmp}/uniform.yaml",), SAME),
+                         (("method.rank_pattern={tmp}/pattern.yaml",), ("method.rank_pattern={tmp}/pattern_by_suffix.json",), SAME),
+                         (FULL, (*FULL, "method.rank_pattern={tmp}/pattern.yaml"), SAME)],
     },
     "baseline": {  # the full-FT method a LoRA run is paired with: only its learning rate defines it
         "name": [],  # anything but full is refused: test_a_baseline_that_is_not_full_fine_tuning_is_refused
         "lr": [((), ("baseline.lr=5e-5",), DIFFERS), (FULL, (*FULL, "baseline.lr=5e-5"), SAME)],
         **{name: [((), (f"baseline.{name}={value}",), SAME)] for name, value in {
             "r": 4, "alpha": 32, "alpha_policy": "ratio", "alpha_ratio": 4, "use_rslora": "true", "dropout": 0.1,
-            "targets": "qkvo", "use_dora": "true", "init": "gaussian", "match_budget": "qkvo"}.items()},
+            "targets": "qkvo", "use_dora": "true", "init": "gaussian", "match_budget": "qkvo",
+            "rank_pattern": "{tmp}/pattern.yaml"}.items()},
     },
     "train": {
         **{name: [((), (f"train.{name}={value}",), DIFFERS)] for name, value in {
@@ -93,7 +99,8 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         "device": [((), ("train.device=cpu",), DIFFERS if torch.cuda.is_available() else SAME)],  # the device as resolved
         **{name: [((), (f"train.{name}={value}",), SAME)] for name, value in {
             "threads": 1, "eval_batch_size": 7, "log_every": 3, "memory_probe": "false", "save_adapter": "false",
-            "distributed": "ddp"}.items()},  # the same global batches over several processes: tests/test_distributed.py
+            "distributed": "ddp",  # the same global batches over several processes: tests/test_distributed.py
+            "forgetting_examples": 0, "forgetting_file": "{tmp}/text.txt"}.items()},
     },
     "logger": {name: [((), (override,), SAME)] for name, override in {
         "name": "logger=wandb", "project": "logger.project=other", "mode": "logger.mode=disabled"}.items()},
@@ -136,6 +143,9 @@ def folders(tiny_bert_dir, tmp_path_factory) -> dict[str, str]:
     text, label = lines[1].rstrip("\n").split("\t")
     lines[1] = f"{text}\t{1 - int(label)}\n"  # same layout, one label flipped
     (changed / "train.tsv").write_text("".join(lines), encoding="utf-8")
+    (root / "pattern.yaml").write_text("bert.encoder.layer.0.attention.self.query: 2\n")
+    (root / "pattern_by_suffix.json").write_text('{"layer.0.attention.self.query": 2, "layer.1.attention.self.value": 8}')
+    (root / "uniform.yaml").write_text("query: 8\nvalue: 8\n")
     return {"bert": str(tiny_bert_dir), "bert_copy": str(root / "bert_copy"), "bert_other": str(root / "bert_other"),
             "llama": str(root / "llama"), "glue_copy": str(root / "glue_copy"), "glue_changed": str(root / "glue_changed"),
             "tmp": str(root)}

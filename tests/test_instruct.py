@@ -209,6 +209,8 @@ def test_real_smollm_trains_a_couple_of_steps(tmp_path):
         "model=smollm2_135m", "task=instruct/alpaca", "method.r=4", "task.heldout_examples=8", "task.tune_examples=8",
         "task.max_train_examples=16", "train.eval_batch_size=8",
         "train.max_steps=2", "train.batch_size=2", "train.max_seq_len=64", "train.memory_probe=false", "train.save_adapter=false",
-        "pair_baseline=false", f"results_dir={tmp_path / 'runs'}", f"cache_dir={REPO_CACHE}"))
+        "train.forgetting_examples=16", "pair_baseline=false", f"results_dir={tmp_path / 'runs'}", f"cache_dir={REPO_CACHE}"))
     assert record["status"] == "done" and 0 < record["metrics"]["loss"] < 10
+    lost = record["forgetting"]  # held-out general text (STS-B sentences): a trained LM's loss there is a few nats per token
+    assert lost["probe"] == "heldout_cross_entropy" and 3 < lost["before"] < 8 and lost["forgetting"] == pytest.approx(lost["after"] - lost["before"])
     assert record["params"]["total"] == 134_515_008 and record["params"]["adapter"] == 30 * ((576 + 576) + (576 + 192)) * 4

@@ -181,7 +181,7 @@ def test_bad_sweeps_stop_before_any_training(tmp_path, tiny_bert_dir, overrides,
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': alpha, glue, instruct"),
+    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': advisor, alpha, glue"),
     (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'; Available options in 'hydra/launcher': basic, joblib, local"),
 ])
 def test_unknown_preset_or_launcher_is_refused(tmp_path, tiny_bert_dir, overrides, message):
@@ -217,6 +217,8 @@ def test_presets_expand_to_the_grids_they_promise():
     assert len(lr) == 2 * 6 * 7 and values(lr, "method") == ["full", "lora"]
     glue = grid("+sweep=glue")
     assert len(glue) == 35 and values(glue, "task") == ["glue/cola", "glue/mrpc", "glue/rte", "glue/sst2", "glue/stsb"]
+    advisor = grid("+sweep=advisor")
+    assert len(advisor) == 6 and values(advisor, "method.rank_pattern") == ["advised_sst2_minilm_l6_qv_r8", "null"]
     seeded = grid("+sweep=[rank,seeds]")
     assert len(seeded) == 21 and values(seeded, "train.seed") == ["0", "1", "2"]
     assert values(grid("+sweep=rank", sweep_args=("method.r=4,8",)), "method.r") == ["4", "8"]  # the command line wins

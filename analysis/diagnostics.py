@@ -1,0 +1,374 @@
+"""Why a rank is enough: the updates themselves, from the saved artifacts (lora_sweep.diagnostics does the algebra).
+
+- LoRA runs: ΔW of every adapted module (PEFT's get_delta_weight on the saved adapter), its spectrum, effective rank
+  and amplification factor; subspace similarity φ between a low and a high rank (same seed) and between seeds of the
+  high rank, averaged over layers (the LoRA paper's Figures 3-4).
+- Full FT runs: ΔW = W_fine-tuned − W₀ for every matrix a LoRA preset can target (W₀ from the model's source).
+- The rank advisor: per-module ranks from full FT's ΔW spectra at the parameter budget of a uniform rank.
+
+Artifacts are not committed, so what is measured is cached in small tables beside the report (`tables/update_*.csv`,
+`tables/phi.csv`, top SPECTRUM_TOP singular values per matrix): a clean clone rebuilds the section from them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from omegaconf import OmegaConf
+from peft import PeftModel
+from scipy import stats as scipy_stats
+
+from analysis import plots, tables
+from lora_sweep import adapters, diagnostics, records
+from lora_sweep.experiment import family_of
+from lora_sweep.hub import resolve_model
+from lora_sweep.settings import from_config
+
+SPECTRUM_TOP = 64  # singular values kept per matrix in the cached table
+PHI_SEEDS_MAX = 32  # φ between seeds: i, j up to this
+LOW_RANK = 8  # φ between ranks: this rank (or the smallest above it) against the highest
+TABLES = {"update_ranks": "csv", "update_spectra": "parquet", "phi": "parquet"}  # cached tables and their formats
+
+
+def _layer_and_matrix(name: str) -> tuple[int, str]:
+    """'bert.encoder.layer.3.attention.self.query' -> (3, 'attention.self.query')."""
+    match = re.search(r"\.(\d+)\.(.+)$", name)
+    return (int(match.group(1)), match.group(2)) if match else (-1, name)
+
+
+def _load(record: dict[str, Any], records_dir: Path):
+    """The run's settings (its folders made absolute), its task family and the folder of its base model."""
+    config = OmegaConf.create(record["config"])
+    config.cache_dir = str((records_dir / record["config"]["cache_dir"]).resolve())
+    config.results_dir, config.artifacts_dir = str(records_dir), str(records_dir)
+    settings = from_config(config)
+    family = family_of(settings)
+    path = resolve_model(settings.model.name_or_path, settings.cache_dir)
+    return settings, family, path
+
+
+def updates(record: dict[str, Any], records_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """(ΔW, W₀) by module name for one run, or None when its artifact is not on disk."""
+    artifact = records_dir / ((record.get("artifact") or {}).get("path") or "missing")
+    if not artifact.is_dir():
+        return None
+    settings, family, path = _load(record, records_dir)
+    base = family.load_model(path, settings)
+    if record["method"] == "full":
+        names = list(adapters.linear_modules(base, adapters.family_of(base)))
+        tuned = family.load_model(str(artifact), settings)
+        weights = {n: base.get_submodule(n).weight.detach().double() for n in names}
+        return {n: tuned.get_submodule(n).weight.detach().double() - weights[n] for n in names}, weights
+    weights = {n: base.get_submodule(n).weight.detach().double().clone() for n in record["adapted_modules"]}
+    return diagnostics.lora_deltas(PeftModel.from_pretrained(base, artifact)), weights
+
+
+def _describe(record: dict[str, Any]) -> dict[str, Any]:
+    return {"run_id": record["run_id"], "config_id": record["config_id"], "context_id": record["context_id"],
+            "task": record["task"], "model": record["model"], "method": record["method"], "r": record.get("r"),
+            "targets": record.get("targets") if isinstance(record.get("targets"), str) or record.get("targets") is None
+            else ",".join(record["targets"]), "rank_pattern": bool(record.get("rank_pattern")), "seed": record["seed"]}
+
+
+def measure(run_records: list[dict[str, Any]], records_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """The three cached tables from the artifacts on disk, and the run ids whose artifact is missing."""
+    ranks, spectra, directions, missing = [], [], {}, []
+    for record in run_records:
+        found = updates(record, records_dir)
+        if found is None:
+            missing.append(record["run_id"])
+            continue
+        deltas, weights = found
+        about = _describe(record)
+        for name, delta in deltas.items():
+            factors = diagnostics.svd(delta)
+            sigma = factors.S.numpy()
+            layer, matrix = _layer_and_matrix(name)
+            lora = record["method"] == "lora"
+            r = (record.get("rank_pattern") or {}).get(name, record.get("r")) if lora else None
+            ranks.append({**about, "module": name, "layer": layer, "matrix": matrix, "d_out": delta.shape[0], "d_in": delta.shape[1],
+                          "energy": float(np.square(sigma).sum()), "rank90": diagnostics.effective_rank(sigma, 0.9),
+                          "rank99": diagnostics.effective_rank(sigma, 0.99),
+                          "amplification": diagnostics.amplification(factors, weights[name], r) if lora else np.nan})
+            kept = sigma[:min(SPECTRUM_TOP, r or SPECTRUM_TOP)]
+            spectra += [{"run_id": record["run_id"], "module": name, "k": k + 1, "sigma": float(f"{s:.5g}")} for k, s in enumerate(kept)]
+            if lora:
+                directions[(record["run_id"], name)] = diagnostics.right_directions(factors, min(r, SPECTRUM_TOP))
+    tables = {"update_ranks": pd.DataFrame(ranks), "update_spectra": pd.DataFrame(spectra),
+              "phi": _phi(pd.DataFrame(ranks), directions)}
+    return tables, missing
+
+
+def _phi(ranks: pd.DataFrame, directions: dict) -> pd.DataFrame:
+    """φ(i, j) averaged over layers and pairs: a low rank against the highest (same seed), and seeds of the highest."""
+    if ranks.empty or not directions:
+        return pd.DataFrame(columns=["comparison", "matrix", "i", "j", "phi"])
+    lora = ranks[(ranks["method"] == "lora") & ~ranks["rank_pattern"]]
+    rows = []
+    for _, group in lora.groupby(["context_id", "targets"]):
+        present = sorted(group["r"].unique())
+        high = present[-1]
+        low = next((r for r in present if r >= LOW_RANK and r < high), present[0])
+        runs = group.drop_duplicates("run_id").set_index("run_id")
+        low, high = int(low), int(high)
+        pairs = {f"r={low} vs r={high}, same seed": [(a, b) for a, b in itertools.product(runs.index[runs["r"] == low], runs.index[runs["r"] == high])
+                                                     if runs.at[a, "seed"] == runs.at[b, "seed"]] if low != high else [],
+                 f"r={high}: seed vs seed": list(itertools.combinations(sorted(runs.index[runs["r"] == high]), 2))}
+        for label, run_pairs in pairs.items():
+            for matrix, modules in group.groupby("matrix"):
+                grids = [diagnostics.phi_grid(directions[(a, m)], directions[(b, m)]) for a, b in run_pairs for m in modules["module"].unique()
+                         if (a, m) in directions and (b, m) in directions]
+                if not grids:
+                    continue
+                grid = np.mean(grids, axis=0)
+                if "seed vs seed" in label:
+                    grid = grid[:PHI_SEEDS_MAX, :PHI_SEEDS_MAX]
+                rows += [{"comparison": label, "matrix": matrix, "i": i + 1, "j": j + 1, "phi": float(f"{grid[i, j]:.4g}"),
+                          "pairs": len(grids), "d": int(directions[run_pairs[0][0], modules["module"].iloc[0]].shape[0])}
+                         for i in range(grid.shape[0]) for j in range(grid.shape[1])]
+    return pd.DataFrame(rows)
+
+
+def load_or_measure(df: pd.DataFrame, records_dir: Path) -> tuple[dict[str, pd.DataFrame] | None, str]:
+    """The tables from the artifacts when any is on disk, else from the cached tables of an earlier analysis beside
+    the records (limited to these runs); None and why when neither exists. The note says where they came from."""
+    done = df[(df["status"] == "done") & df["method"].isin(["lora", "full"])]
+    run_records = [records.load(records_dir / f"{rid}.json") for rid in done["run_id"]]
+    have = [r for r in run_records if (records_dir / ((r.get("artifact") or {}).get("path") or "missing")).is_dir()]
+    if have:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # float64 SVDs on cores shared with other work: ~25x faster on one thread than on two (measured)
+        try:
+            tables, missing = measure(have, records_dir)
+        finally:
+            torch.set_num_threads(threads)
+        note = f"measured from the saved artifacts of {len(have)} runs" + (f" ({len(missing)} without one)" if missing else "")
+        return tables, note
+    cache = records_dir.parent / "tables"
+    if all((cache / f"{name}.{kind}").is_file() for name, kind in TABLES.items()):
+        tables = {name: pd.read_csv(cache / f"{name}.csv") if kind == "csv" else pd.read_parquet(cache / f"{name}.{kind}")
+                  for name, kind in TABLES.items()}
+        ids = set(done["run_id"])
+        for name in ("update_ranks", "update_spectra"):
+            tables[name] = tables[name][tables[name]["run_id"].isin(ids)]
+        return tables, "read from the cached tables of an earlier analysis (the saved artifacts are not on disk)"
+    return None, "No saved adapters or models are on disk (artifacts are not committed) and no cached tables exist: no update analyses."
+
+
+def save(tables: dict[str, pd.DataFrame], folder: Path) -> None:
+    for name, kind in TABLES.items():
+        tables[name].to_csv(folder / f"{name}.csv", index=False) if kind == "csv" else tables[name].to_parquet(folder / f"{name}.{kind}", index=False)
+
+
+def energy_curve(ranks: pd.DataFrame, spectra: pd.DataFrame, k_max: int = SPECTRUM_TOP) -> pd.DataFrame:
+    """Per (run, module): the share of ‖ΔW‖²_F held by the top k singular values, k = 1..k_max (from the kept values)."""
+    merged = spectra.merge(ranks[["run_id", "module", "energy"]], on=["run_id", "module"])
+    merged = merged.sort_values(["run_id", "module", "k"])
+    merged["share"] = merged.groupby(["run_id", "module"])["sigma"].transform(lambda s: np.square(s).cumsum()) / merged["energy"]
+    return merged[merged["k"] <= k_max]
+
+
+def advise(ranks: pd.DataFrame, spectra: pd.DataFrame, modules: list[str], r: int) -> dict[str, int]:
+    """Per-module ranks from full FT's ΔW spectra (mean σ² over its seeds) at exactly the adapter parameters of
+    uniform rank r on `modules`. Rank moves only between matrices of the same shape, so integer ranks meet the
+    budget exactly: within each shape the greedy choice (the next largest σ² of any module) is optimal for the
+    captured energy Σ_m Σ_{k ≤ r_m} σ²_{m,k}, since each module's σ² are non-increasing. Every module keeps rank
+    ≥ 1; ranks are capped at SPECTRUM_TOP, the singular values kept."""
+    full = ranks[(ranks["method"] == "full") & ranks["module"].isin(modules)]
+    energy = (spectra[spectra["run_id"].isin(full["run_id"]) & spectra["module"].isin(modules)]
+              .assign(sigma2=lambda t: np.square(t["sigma"])).groupby(["module", "k"])["sigma2"].mean())
+    shapes = full.drop_duplicates("module").set_index("module")[["d_out", "d_in"]]
+    missing = sorted(set(modules) - set(shapes.index))
+    if missing:
+        raise ValueError(f"no full FT update for {', '.join(missing[:3])}")
+    pattern: dict[str, int] = {}
+    for _, same in shapes.groupby(["d_out", "d_in"]):
+        names = list(same.index)
+        cap = min(SPECTRUM_TOP, *same.min(axis=1))
+        alloc = dict.fromkeys(names, 1)
+        for _ in range(r * len(names) - len(names)):
+            gains = {n: energy.get((n, alloc[n] + 1), 0.0) if alloc[n] < cap else -1.0 for n in names}
+            best = max(names, key=lambda n: gains[n])
+            alloc[best] += 1
+        pattern.update(alloc)
+    return pattern
+
+
+def adapter_parameters(pattern: dict[str, int], shapes: pd.DataFrame) -> int:
+    """LoRA parameters of a rank pattern: r (d_in + d_out) per module."""
+    return int(sum(rank * (shapes.at[m, "d_in"] + shapes.at[m, "d_out"]) for m, rank in pattern.items()))
+
+
+def write_pattern(pattern: dict[str, int], path: Path, header: str) -> Path:
+    path.write_text("".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(pattern, sort_keys=False))
+    return path
+
+
+def spectrum_vs_rank(ranks_table: pd.DataFrame, curve: pd.DataFrame, modules: list[str], points: pd.DataFrame) -> dict[str, Any] | None:
+    """Full FT's ΔW energy captured at rank r (mean over `modules` and seeds) against the measured metric at r
+    (the rank's tuned configuration): Spearman's ρ and its p-value over the ranks swept."""
+    full_ids = ranks_table.loc[ranks_table["method"] == "full", "run_id"].unique()
+    full = curve[curve["run_id"].isin(full_ids) & curve["module"].isin(modules)]
+    share = full.groupby("k")["share"].mean()
+    rows = [(int(r), float(share.get(int(r), np.nan)), float(v)) for r, v in zip(points["r"], points["primary_value_mean"])]
+    rows = [row for row in rows if not np.isnan(row[1])]
+    if len(rows) < 3:
+        return None
+    rho, p = scipy_stats.spearmanr([e for _, e, _ in rows], [v for _, _, v in rows])
+    return {"points": rows, "rho": float(rho), "p": float(p), "n": len(rows)}
+
+
+ADVISE_R = 8  # the uniform rank whose budget the advisor's pattern matches (conf/method/lora.yaml's default)
+
+
+def _ci(values: pd.Series) -> str:
+    values = values.dropna()
+    half = tables.ci95(values)
+    return f"{values.mean():.1f}" + (f" ± {half:.1f}" if np.isfinite(half) else "")
+
+
+def _rank_summary(ranks: pd.DataFrame) -> pd.DataFrame:
+    """Per method, rank and matrix type: effective ranks and amplification, mean over layers per seed, then mean ± 95 % CI over seeds."""
+    per_seed = (ranks[~ranks["rank_pattern"]].assign(order=lambda t: t["r"].fillna(0))
+                .groupby(["order", "method", "matrix", "seed"])[["rank90", "rank99", "amplification", "d_in", "d_out"]].mean().reset_index())
+    rows = []
+    for (order, method, matrix), group in per_seed.groupby(["order", "method", "matrix"], sort=True):  # full FT first, then by rank
+        rows.append({"method": "full FT" if method == "full" else f"LoRA r={int(order)}", "matrix": matrix,
+                     "size": f"{int(group['d_out'].iloc[0])}×{int(group['d_in'].iloc[0])}", "seeds": len(group),
+                     "rank 90 %": _ci(group["rank90"]), "rank 99 %": _ci(group["rank99"]),
+                     "amplification": _ci(group["amplification"]) if method == "lora" else "-"})
+    return pd.DataFrame(rows)
+
+
+def section(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path, out: Path) -> list[str]:
+    """The report's section on the updates, the rank advisor, the spectrum against the rank curve, and forgetting."""
+    lines = ["## Why a rank is enough: the updates, the rank advisor, forgetting", ""]
+    found, note = load_or_measure(df, records_dir)
+    lines += _forgetting(df, agg, out)
+    if found is None:
+        return lines + [note, ""]
+    save(found, out / "tables")
+    lines += [f"Update analyses {note}; cached in `tables/update_ranks.csv`, `tables/update_spectra.parquet`, `tables/phi.parquet` "
+              f"(top {SPECTRUM_TOP} singular values per matrix), so a clone without artifacts rebuilds this section.", ""]
+    ranks, spectra, phi = found["update_ranks"], found["update_spectra"], found["phi"]
+    if ranks.empty:
+        return lines + ["No update could be measured.", ""]
+    curve = energy_curve(ranks, spectra)
+    for (task, model), part in ranks.groupby(["task", "model"]):
+        lines += _updates(part, spectra, curve, phi, agg[(agg["task"] == task) & (agg["model"] == model)], df, f"{task} · {model}", out)
+    return lines
+
+
+def _updates(ranks, spectra, curve, phi, agg, df, title, out) -> list[str]:
+    slug = title.replace(" · ", "_").replace("/", "-")
+    plots_dir = out / "plots"
+    summary = _rank_summary(ranks)
+    lines = [f"### {title}", "", summary.to_markdown(index=False, disable_numparse=True), ""]
+    full, lora = ranks[ranks["method"] == "full"], ranks[(ranks["method"] == "lora") & ~ranks["rank_pattern"]]
+    figures = [plots.update_spectra(curve[curve["run_id"].isin(ranks["run_id"])], ranks, title, plots_dir, f"{slug}_update_spectra"),
+               plots.effective_rank_heatmaps(ranks, title, plots_dir, f"{slug}_effective_rank")]
+    lines += ["Effective rank = the fewest singular values holding 90 % (99 %) of ‖ΔW‖²_F; amplification = ‖ΔW‖_F / ‖UᵀW₀V‖_F "
+              "with U, V ΔW's top-r singular vectors (LoRA paper §7.3); ± is the 95 % interval over seeds of the layer means."]
+    if len(full) and len(lora):
+        targeted = sorted(lora["matrix"].unique())
+        high = lora["r"].max()
+        full_rank = full[full["matrix"].isin(targeted)].groupby("seed")["rank90"].mean()
+        lora_rank = lora[lora["r"] == high].groupby("seed")["rank90"].mean()
+        lines += [f"**Reading**: on the matrices LoRA adapts ({', '.join(targeted)}), full FT's update needs {_ci(full_rank)} directions "
+                  f"for 90 % of its energy, LoRA r={int(high)}'s only {_ci(lora_rank)}: full FT learns a high-rank update, while "
+                  "LoRA, even when allowed many directions, concentrates its update in a few."]
+    lines += [""] + [f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in figures] + [""]
+    part_phi = phi[phi["comparison"].notna()] if len(phi) else phi
+    if len(part_phi):
+        figure = plots.phi_heatmaps(part_phi, title, plots_dir, f"{slug}_phi")
+        top = part_phi[(part_phi["i"] == 1) & (part_phi["j"] == 1)]
+        reading = "; ".join(f"{row['comparison']}, {row['matrix']}: φ(1,1) = {row['phi']:.2f} over {int(row['pairs'])} layer×pair cases "
+                            f"(unrelated random directions: {1 / row['d']:.3f})" for _, row in top.iterrows())
+        lines += ["φ(i, j) = ‖V₁,ᵢᵀ V₂,ⱼ‖²_F / min(i, j) of the top right singular vectors (LoRA paper §7.2): 1 where one "
+                  "subspace holds the other, max(i, j)/d for unrelated ones. " + reading + ". A top direction shared far above "
+                  "chance means a low rank already finds what a higher rank (or another seed) finds.", "",
+                  f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
+    if len(full) and len(lora):
+        lines += _advisor(ranks, spectra, lora, agg, df, out, slug)
+        lines += _spectrum_vs_rank(ranks, curve, lora, agg)
+    return lines
+
+
+def _advisor(ranks, spectra, lora, agg, df, out, slug) -> list[str]:
+    targets = lora["targets"].iloc[0]
+    modules = sorted(lora.loc[lora["targets"] == targets, "module"].unique())
+    pattern = advise(ranks, spectra, modules, ADVISE_R)
+    shapes = ranks.drop_duplicates("module").set_index("module")[["d_in", "d_out"]]
+    uniform = adapter_parameters(dict.fromkeys(modules, ADVISE_R), shapes)
+    path = write_pattern(pattern, out / "tables" / f"rank_pattern_{slug}_{targets}_r{ADVISE_R}.yaml",
+                         f"Advised by lora-analyze from full FT's ΔW spectra ({ranks.loc[ranks['method'] == 'full', 'seed'].nunique()} seeds):\n"
+                         f"{adapter_parameters(pattern, shapes)} adapter parameters = uniform r={ADVISE_R} on {targets}")
+    by_matrix = pd.Series({m: r for m, r in pattern.items()}).groupby(lambda m: _layer_and_matrix(m)[1]).apply(list)
+    lines = [f"**Rank advisor** (`{path.relative_to(out).as_posix()}`, use with `method.rank_pattern=<that file>`): per-layer ranks "
+             f"from full FT's ΔW spectra at the budget of uniform r={ADVISE_R} on {targets} "
+             f"({adapter_parameters(pattern, shapes):,} = {uniform:,} adapter parameters). By layer: "
+             + "; ".join(f"{m} {ranks_}" for m, ranks_ in by_matrix.items()) + ". Full FT's spectra are the probe because the "
+             "baseline already ran (no extra training), they show where the full update puts its energy without a rank cap, "
+             "and, unlike one high-rank LoRA run, they are not shaped by the LoRA parametrisation being tuned.", ""]
+    advised = agg[(agg["method"] == "lora") & agg["targets"].str.contains("rank_pattern", na=False)]
+    plain = agg[(agg["method"] == "lora") & (agg["targets"] == targets) & (agg["r"] == ADVISE_R)]
+    for _, row in advised.iterrows():
+        base = plain[(plain["context_id"] == row["context_id"]) & (plain["lr"] == row["lr"])]
+        if base.empty:
+            continue
+        result = tables.compare(df, row, base.iloc[0])
+        if result is None:
+            continue
+        verdict = "better" if result.low > 0 else "worse" if result.high < 0 else "not distinguishable at these seeds"
+        lines += [f"Advised ({row['targets']}, {int(row['params_adapter_mean']):,} adapter parameters) against uniform r={ADVISE_R} "
+                  f"({int(base.iloc[0]['params_adapter_mean']):,}): Δ = {result.delta:+.2f} [{result.low:+.2f}, {result.high:+.2f}] "
+                  f"{row['primary_unit']} (paired over {result.n_seeds} seeds and the eval examples, analysis/stats.py): {verdict}.", ""]
+    if advised.empty:
+        lines += [f"No advised run yet: `lora-sweep +sweep=advisor` trains it against uniform r={ADVISE_R} at the same budget over 3 seeds.", ""]
+    return lines
+
+
+def _spectrum_vs_rank(ranks, curve, lora, agg) -> list[str]:
+    targets = lora["targets"].iloc[0]
+    modules = sorted(lora.loc[lora["targets"] == targets, "module"].unique())
+    points = tables.tuned(agg[(agg["method"] == "lora") & (agg["targets"] == targets)], ["context_id", "r"])
+    found = spectrum_vs_rank(ranks, curve, modules, points)
+    if found is None:
+        return []
+    pairs = ", ".join(f"r={r}: {100 * e:.0f} % / {100 * v:.1f}" for r, e, v in found["points"])
+    return [f"**Does the spectrum predict the rank curve?** Share of full FT's ΔW energy (on {targets}) at rank r against the "
+            f"measured metric at r ({pairs}): Spearman ρ = {found['rho']:+.2f} (p = {found['p']:.2f}, n = {found['n']} ranks). "
+            "Caveat: a handful of points, and the captured energy grows with r by construction, so ρ here only asks whether the "
+            "metric rises with r as the energy does; the seed noise of each point (see the rank table) is not in ρ.", ""]
+
+
+def _forgetting(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[str]:
+    measured = df[df["forgetting"].notna()]
+    if measured.empty:
+        return ["Forgetting: no record here holds the forgetting probe (records written before it existed); re-run the sweep "
+                "with `rerun=true` to measure it.", ""]
+    lines = ["Forgetting (`lora_sweep.forgetting`): for an encoder, zero-shot STS-B Spearman (points) of mean-pooled embeddings "
+             "before minus after training; for a decoder, per-token cross-entropy on held-out general text after minus before. "
+             "Positive = the run lost some of what the base model could do.", ""]
+    for (task, model), runs in measured.groupby(["task", "model"]):
+        title = f"{task} · {model}"
+        part = agg[(agg["task"] == task) & (agg["model"] == model) & agg["forgetting_mean"].notna()]
+        points = plots.best_lr(part[part["method"] == "lora"])
+        full_rows = tables.tuned(part[part["method"] == "full"], ["context_id"])
+        full = full_rows.iloc[0] if len(full_rows) else None
+        metric = runs["primary_metric"].dropna().iloc[0]
+        figure = plots.learning_vs_forgetting(points, full, title, metric, out / "plots", f"{title.replace(' · ', '_').replace('/', '-')}_forgetting")
+        described = [f"r={int(r['r'])} {r['forgetting_mean']:+.2f} ± {np.nan_to_num(r['forgetting_ci95']):.2f}" for _, r in points.sort_values("r").iterrows()]
+        if full is not None:
+            described.insert(0, f"full FT {full['forgetting_mean']:+.2f} ± {np.nan_to_num(full['forgetting_ci95']):.2f}")
+        lines += [f"{title}: forgetting (mean ± 95 % interval over seeds; base value {runs['forgetting_before'].iloc[0]:.2f}): "
+                  + "; ".join(described) + ". Where the intervals of two methods do not overlap, one forgot more than the other.", "",
+                  f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
+    return lines
