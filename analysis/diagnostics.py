@@ -62,7 +62,7 @@ def updates(record: dict[str, Any], records_dir: Path) -> tuple[dict[str, torch.
     settings, family, path = _load(record, records_dir)
     base = family.load_model(path, settings)
     if record["method"] == "full":
-        names = list(adapters.linear_modules(base, adapters.family_of(base)))
+        names = [n for n, m in adapters.adaptable_modules(base, adapters.family_of(base)).items() if isinstance(m, torch.nn.Linear)]
         tuned = family.load_model(str(artifact), settings)
         weights = {n: base.get_submodule(n).weight.detach().double() for n in names}
         return {n: tuned.get_submodule(n).weight.detach().double() - weights[n] for n in names}, weights

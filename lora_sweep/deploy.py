@@ -33,11 +33,11 @@ from peft.utils.hotswap import check_hotswap_configs_compatible, hotswap_adapter
 from transformers import AutoTokenizer
 
 from lora_sweep import adapters, batching, data, experiment, records, settings, timing
+from lora_sweep.distributed import make_accelerator
 from lora_sweep.errors import UserError, file_errors
 from lora_sweep.evaluation import predict
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import Settings
-from lora_sweep.train import make_accelerator
 
 BATCH_SIZES = (1, 32)
 LATENCY_BATCHES = {1: 8, 32: 1}  # real eval batches timed per repeat, spread over the length-sorted eval split
@@ -154,7 +154,7 @@ def _summaries(runs: dict[str, list[dict[str, float]]], key: str = "s") -> dict[
 
 def merge_equivalence(served: Served, unmerged: PeftModel, merged: torch.nn.Module) -> dict[str, Any]:
     """Outputs and metric of the whole eval split before and after merging, and against the run's recorded outputs."""
-    accelerator, batch_size = make_accelerator("cpu"), served.settings.train.eval_batch_size
+    accelerator, batch_size = make_accelerator("cpu", "none"), served.settings.train.eval_batch_size
     before, _ = predict(accelerator, unmerged, served.family, served.dev, served.collate, batch_size)
     after, _ = predict(accelerator, merged, served.family, served.dev, served.collate, batch_size)
     labels = np.asarray(served.dev["label"]) if "label" in served.dev.column_names else None  # instruction tasks have none
