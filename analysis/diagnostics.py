@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from omegaconf import OmegaConf
 from peft import PeftModel
 from scipy import stats as scipy_stats
 
@@ -29,7 +28,6 @@ from analysis import plots, tables
 from lora_sweep import adapters, diagnostics, records
 from lora_sweep.experiment import family_of
 from lora_sweep.hub import resolve_model
-from lora_sweep.settings import from_config
 
 SPECTRUM_TOP = 64  # singular values kept per matrix in the cached table
 PHI_SEEDS_MAX = 32  # φ between seeds: i, j up to this
@@ -43,23 +41,13 @@ def _layer_and_matrix(name: str) -> tuple[int, str]:
     return (int(match.group(1)), match.group(2)) if match else (-1, name)
 
 
-def _load(record: dict[str, Any], records_dir: Path):
-    """The run's settings (its folders made absolute), its task family and the folder of its base model."""
-    config = OmegaConf.create(record["config"])
-    config.cache_dir = str((records_dir / record["config"]["cache_dir"]).resolve())
-    config.results_dir, config.artifacts_dir = str(records_dir), str(records_dir)
-    settings = from_config(config)
-    family = family_of(settings)
-    path = resolve_model(settings.model.name_or_path, settings.cache_dir)
-    return settings, family, path
-
-
 def updates(record: dict[str, Any], records_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     """(ΔW, W₀) by module name for one run, or None when its artifact is not on disk."""
-    artifact = records_dir / ((record.get("artifact") or {}).get("path") or "missing")
-    if not artifact.is_dir():
+    artifact = records.artifact_dir(record, records_dir)
+    if artifact is None:
         return None
-    settings, family, path = _load(record, records_dir)
+    settings = records.run_settings(record, records_dir)
+    family, path = family_of(settings), resolve_model(settings.model.name_or_path, settings.cache_dir)
     base = family.load_model(path, settings)
     if record["method"] == "full":
         names = [n for n, m in adapters.adaptable_modules(base, adapters.family_of(base)).items() if isinstance(m, torch.nn.Linear)]
@@ -141,7 +129,7 @@ def load_or_measure(df: pd.DataFrame, records_dir: Path) -> tuple[dict[str, pd.D
     the records (limited to these runs); None and why when neither exists. The note says where they came from."""
     done = df[(df["status"] == "done") & df["method"].isin(["lora", "full"])]
     run_records = [records.load(records_dir / f"{rid}.json") for rid in done["run_id"]]
-    have = [r for r in run_records if (records_dir / ((r.get("artifact") or {}).get("path") or "missing")).is_dir()]
+    have = [r for r in run_records if records.artifact_dir(r, records_dir)]
     if have:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # float64 SVDs on cores shared with other work: ~25x faster on one thread than on two (measured)

@@ -38,7 +38,7 @@ def main() -> None:
     all_records = [r for r in (records.read_record(runs_dir, p.stem) for p in sorted(runs_dir.glob("*.json"))) if r]
     record = records.read_record(runs_dir, rid)
     baseline = records.read_record(runs_dir, record["baseline_run_id"]) or {}
-    if not (deploy.artifact(record, runs_dir) and deploy.artifact(baseline, runs_dir)):
+    if not (records.artifact_dir(record, runs_dir) and records.artifact_dir(baseline, runs_dir)):
         sys.exit(f"error: run {rid}'s adapter or its full-FT checkpoint is not on disk; run its sweep first")
     start = time.perf_counter()
     print(f"deployment of {rid} ({why}), {args.repeats} repeats, {torch.get_num_threads()} threads, CPU {common.cpu_name()} "

@@ -27,12 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import transformers
-from omegaconf import OmegaConf
 from peft import LoraConfig, PeftModel
 from peft.utils.hotswap import check_hotswap_configs_compatible, hotswap_adapter
 from transformers import AutoTokenizer
 
-from lora_sweep import adapters, batching, data, experiment, records, settings, timing
+from lora_sweep import adapters, batching, data, experiment, records, timing
 from lora_sweep.distributed import make_accelerator
 from lora_sweep.errors import UserError, file_errors
 from lora_sweep.evaluation import predict
@@ -69,24 +68,8 @@ class Served:
         return [{k: v for k, v in batch.items() if k != "labels"} for batch in loaded]
 
 
-def artifact(record: dict[str, Any], runs_dir: Path) -> Path | None:
-    """The run's saved adapter or model folder, or None where it is not on disk (artifacts are not committed)."""
-    path = (record.get("artifact") or {}).get("path")
-    return runs_dir / path if path and (runs_dir / path).is_dir() else None
-
-
-def run_settings(record: dict[str, Any], runs_dir: Path, cache_dir: str) -> Settings:
-    """The run's settings from its record: its folders made absolute (a record keeps them relative to its own folder),
-    the token cache and converted models taken from `cache_dir` (this command's, wherever the record came from)."""
-    config = copy.deepcopy(record["config"])
-    config.update(results_dir=str(runs_dir), artifacts_dir=str(runs_dir / config["artifacts_dir"]), cache_dir=cache_dir)
-    if config["task"]["data_dir"]:
-        config["task"]["data_dir"] = str(runs_dir / config["task"]["data_dir"])
-    return settings.from_config(OmegaConf.create(config))
-
-
 def serve(record: dict[str, Any], runs_dir: Path, cache_dir: str) -> Served:
-    s = run_settings(record, runs_dir, cache_dir)
+    s = records.run_settings(record, runs_dir, cache_dir)
     family = experiment.family_of(s)
     model_path = resolve_model(s.model.name_or_path, s.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=s.model.revision)
@@ -199,7 +182,7 @@ def hotswap_blocker(a: LoraConfig, b: LoraConfig) -> str | None:
 def swap(served: Served, unmerged: PeftModel, other: dict[str, Any], checkpoint: Path, repeats: int) -> dict[str, Any]:
     """Switching the loaded model to `other`'s adapter against loading the full-FT checkpoint into a fresh model."""
     family = served.kind
-    path, own = artifact(other, served.runs_dir), artifact(served.record, served.runs_dir)
+    path, own = records.artifact_dir(other, served.runs_dir), records.artifact_dir(served.record, served.runs_dir)
     architecture = getattr(transformers, transformers.AutoConfig.from_pretrained(checkpoint).architectures[0])
 
     def adapter_swap(cold: bool) -> Callable[[], dict[str, float]]:
@@ -258,7 +241,7 @@ def many_adapters(served: Served, pool: list[dict[str, Any]], repeats: int) -> l
     family = served.kind
     out = []
     for n in [n for n in MANY if n <= len(pool)]:
-        paths = [artifact(r, served.runs_dir) for r in pool[:n]]
+        paths = [records.artifact_dir(r, served.runs_dir) for r in pool[:n]]
         names = [f"a{i}" for i in range(n)]
         mixed = served.base()
         for name, path in zip(names, paths):
@@ -298,21 +281,21 @@ def measure(record: dict[str, Any], runs_dir: Path, all_records: list[dict[str, 
     started = time.perf_counter()
     served = serve(record, runs_dir, cache_dir)
     base = served.base()
-    unmerged = load_adapter(served.base(), artifact(record, runs_dir), "default", served.kind)
+    unmerged = load_adapter(served.base(), records.artifact_dir(record, runs_dir), "default", served.kind)
     merged = copy.deepcopy(unmerged).merge_and_unload()
     baseline = next(r for r in all_records if r["run_id"] == record["baseline_run_id"])
     others = sorted((r for r in all_records if r["method"] == "lora" and r["run_id"] != record["run_id"]
-                     and r["context_id"] == record["context_id"] and artifact(r, runs_dir)),
+                     and r["context_id"] == record["context_id"] and records.artifact_dir(r, runs_dir)),
                     key=lambda r: (r["config_id"] != record["config_id"], r["r"], r["seed"]))  # same config first: hotswap may apply
     out = {
         "run_id": record["run_id"], "status": "done", "task": record["task"], "model": record["model"], "method": "lora",
         "r": record["r"], "seed": record["seed"], "targets": record["targets"], "chosen": chosen,
-        "adapter_bytes": folder_bytes(artifact(record, runs_dir)), "checkpoint_bytes": folder_bytes(artifact(baseline, runs_dir)),
+        "adapter_bytes": folder_bytes(records.artifact_dir(record, runs_dir)), "checkpoint_bytes": folder_bytes(records.artifact_dir(baseline, runs_dir)),
         "repeats": repeats, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": records.environment("cpu", torch.get_num_threads()),
         "merge": merge_equivalence(served, unmerged, merged),
         "latency": latency(served, base, unmerged, merged, repeats),
-        "swap": swap(served, unmerged, others[0], artifact(baseline, runs_dir), repeats) if others else None,
+        "swap": swap(served, unmerged, others[0], records.artifact_dir(baseline, runs_dir), repeats) if others else None,
         "many": many_adapters(served, [record, *others], repeats),
     }
     out["seconds"] = time.perf_counter() - started
@@ -375,7 +358,7 @@ def deploy(results_dir: Path, run_ids: list[str], repeats: int, threads: int, ca
         if record is None or record["method"] != "lora" or record["status"] != "done":
             raise UserError(f"--run {rid}: no finished LoRA run of that id in {runs_dir}")
         baseline = records.read_record(runs_dir, record["baseline_run_id"] or "") or {}
-        missing = [name for name, r in (("adapter", record), ("full-FT checkpoint", baseline)) if not artifact(r, runs_dir)]
+        missing = [name for name, r in (("adapter", record), ("full-FT checkpoint", baseline)) if not records.artifact_dir(r, runs_dir)]
         if missing:
             print(f"[lora-deploy] {rid}: its {' and '.join(missing)} is not on disk (artifacts are not committed; re-run its "
                   f"sweep to save them): {'not measured' if why == 'requested' else 'skipped'}", file=sys.stderr)

@@ -292,6 +292,9 @@ def _save(accelerator, model: torch.nn.Module, p: Plan) -> dict[str, Any] | None
     if not accelerator.is_main_process:
         return None
     folder = Path(p.settings.artifacts_dir) / p.run_id
-    accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state)
+    unwrapped = accelerator.unwrap_model(model)
+    for config in getattr(unwrapped, "peft_config", {}).values():  # the model as configured, not this machine's folder
+        config.base_model_name_or_path = p.settings.model.name_or_path
+    unwrapped.save_pretrained(folder, state_dict=state)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
     return {"path": records.portable(folder, p.settings.results_dir), "bytes": size}

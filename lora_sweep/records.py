@@ -168,3 +168,26 @@ def environment(device_name: str, threads: int) -> dict[str, Any]:
         "threads": threads,
         "git_commit": _git_commit(),
     }
+
+
+def artifact_dir(record: dict[str, Any], runs_dir: Path) -> Path | None:
+    """The run's saved adapter or model folder, or None where it is not on disk (artifacts are not committed)."""
+    path = (record.get("artifact") or {}).get("path")
+    return runs_dir / path if path and (runs_dir / path).is_dir() else None
+
+
+def run_settings(record: dict[str, Any], runs_dir: Path, cache_dir: str | None = None):
+    """The run's settings from its record, its folders made absolute (a record keeps them relative to its own folder);
+    the token cache and converted models from `cache_dir` when given (a command's own), else the run's."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from lora_sweep import settings  # here, not at the top: settings pulls in Hydra, which reading records does not need
+
+    config = copy.deepcopy(record["config"])
+    config.update(results_dir=str(runs_dir), artifacts_dir=str(runs_dir / config["artifacts_dir"]),
+                  cache_dir=cache_dir or str((runs_dir / config["cache_dir"]).resolve()))
+    if config["task"]["data_dir"]:
+        config["task"]["data_dir"] = str(runs_dir / config["task"]["data_dir"])
+    return settings.from_config(OmegaConf.create(config))
