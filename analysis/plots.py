@@ -225,11 +225,11 @@ def overview(panels: list[tuple[str, pd.DataFrame, pd.Series | None, str]], fold
     return _save(fig, folder, name)
 
 
-def estimated_memory_vs_rank(estimates: list, full, device_bytes: int, title: str, folder: Path, name: str) -> Path:
+def estimated_memory_vs_rank(ranks: list[int], estimates: list, full, device_bytes: int, title: str, folder: Path, name: str) -> Path:
     """Stacked components of the estimated peak (lora_sweep.estimate.Estimate) at each rank and for full FT, in GiB,
     with the device's memory as a line."""
     gib = 2**30
-    labels = [f"r={e.label.split('=')[1].split()[0]}" for e in estimates] + ["full FT"]
+    labels = [f"r={r}" for r in ranks] + ["full FT"]
     values = np.array([[getattr(e, part) / gib for part in SPLIT] for e in [*estimates, full]])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bottom = np.zeros(len(labels))

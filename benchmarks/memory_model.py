@@ -49,6 +49,7 @@ PUBLISHED = [
     # PEFT method_comparison, MetaMathQA on an L40S: batch 4, max 768 tokens, bf16 weights, AdamW, no checkpointing.
     ("PEFT MetaMathQA: Llama-3.2-3B full FT", ("model=llama3_2_3b", "method=full"), 4, 768, 37_241_225_216),
     ("PEFT MetaMathQA: Llama-3.2-3B LoRA r=32 q,v", ("model=llama3_2_3b", "method.r=32", "method.targets=qv"), 4, 768, 22_273_851_392),
+    ("PEFT MetaMathQA: Llama-3.2-3B LoRA r=64 q,v", ("model=llama3_2_3b", "method.r=64", "method.targets=qv"), 4, 768, 22_540_189_696),
 ]
 
 

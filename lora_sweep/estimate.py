@@ -120,6 +120,8 @@ def build(settings: Settings, method: MethodSettings, precision: Precision) -> n
 
     family = family_of(settings)
     model = family.load_model(architecture_source(settings), settings, meta=True).to(precision.weight_dtype)
+    if model.config.pad_token_id is None:  # a decoder's classification head finds each example's end by it; published configs name none
+        model.config.pad_token_id = 0
     model, _ = adapters.apply_method(model, method, family.TASK_TYPE)
     return model
 
