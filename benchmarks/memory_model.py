@@ -9,6 +9,8 @@ wraps it (backward, clipping, step, zero_grad). Printed: predicted vs measured p
 (weights, gradients, optimizer state, activations at the peak) predicted / measured in MiB; where the two put the
 peak at different instants (start of backward vs the optimizer step) the line says so. On CUDA the same
 configurations also run under bf16 autocast (as lora-sweep trains there) against torch.cuda.max_memory_allocated.
+Part 1c probes what the harness does not train with but users at scale do: bf16 weights and gradient checkpointing
+(SmolLM2, batch 8 x 32, full FT and LoRA r=8 on q,v).
 
 Part 2 (published). Each published case is estimated with its own precision, batch and length, and printed beside
 the published figure with the error, and beside "4 x model size" (weights, gradients and two AdamW moments at the
@@ -58,10 +60,14 @@ def settings_for(name: str, overrides: tuple[str, ...], cache_dir: str, *extra: 
 
 
 def measure(settings: Settings, batch: int, seq: int, device: str) -> dict:
-    """One probed optimizer step (the second) of the model a run trains, on synthetic ids of length `seq`."""
+    """One probed optimizer step (the second) of the model a run trains, on synthetic ids of length `seq`; bf16 weights
+    and gradient checkpointing as estimate.precision and estimate.gradient_checkpointing ask (part 1c)."""
     family = family_of(settings)
     torch.manual_seed(0)
-    model = family.load_model(resolve_model(settings.model.name_or_path, settings.cache_dir), settings).to(device)
+    model = family.load_model(resolve_model(settings.model.name_or_path, settings.cache_dir), settings)
+    model = model.to(device, estimate.PRECISIONS[settings.estimate.resolved_precision].weight_dtype)
+    if settings.estimate.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, _ = adapters.apply_method(model, settings.method, family.TASK_TYPE)
     model.train()
     optimizer = optimizer_for(model, settings.method, settings.train)
@@ -98,15 +104,15 @@ def mib(x: float) -> str:
     return f"{x / MIB:8.1f}"
 
 
-def part_probe(configs: dict, cache_dir: str) -> list[float]:
-    print("\nPart 1: predicted vs measured by the harness's memory probe (CPU, fp32; MiB; error = predicted / measured - 1)")
+def part_probe(configs: dict, cache_dir: str, title: str, *extra: str) -> list[float]:
+    print(f"\n{title} (MiB; error = predicted / measured - 1)")
     print(f"  {'model':<8s} {'method':<22s} {'batch':>5s} {'seq':>4s} {'peak pred':>9s} {'measured':>9s} {'error':>7s}   "
           f"weights p/m          grads p/m            optimizer p/m        activations p/m      peak at")
     errors = []
     for name, (shapes, methods) in configs.items():
         for overrides in methods:
             for batch, seq in shapes:
-                s = settings_for(name, overrides, cache_dir, f"estimate.batch_size={batch}", f"estimate.seq_len={seq}")
+                s = settings_for(name, overrides, cache_dir, f"estimate.batch_size={batch}", f"estimate.seq_len={seq}", *extra)
                 predicted = estimate.estimate(s, s.method if s.method.name == "lora" else s.baseline)
                 measured = measure(s, batch, seq, "cpu")
                 gc.collect()
@@ -207,7 +213,10 @@ def main() -> None:
     configs = {m: (QUICK[m] if args.quick else SHAPES[m], QUICK_METHODS if args.quick else METHODS) for m in MODELS}
     start = time.perf_counter()
     if "1" in parts:
-        part_probe(configs, args.cache_dir)
+        part_probe(configs, args.cache_dir, "Part 1: predicted vs measured by the harness's memory probe (CPU, fp32)")
+        beyond = {"smollm2": ([(8, 32)], QUICK_METHODS)}
+        part_probe(beyond, args.cache_dir, "Part 1c: what the harness does not train with, same probe: bf16 weights", "estimate.precision=bf16")
+        part_probe(beyond, args.cache_dir, "Part 1c: gradient checkpointing (fp32)", "estimate.gradient_checkpointing=true")
         if torch.cuda.is_available():
             part_cuda(configs, args.cache_dir)
     if "2" in parts:

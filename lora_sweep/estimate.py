@@ -33,13 +33,14 @@ INDEX = 8  # bytes of an int64 token id or label
 
 @dataclass(frozen=True)
 class Precision:
+    name: str
     weight_dtype: torch.dtype  # stored weights (LoRA adapters stay fp32: PEFT upcasts them)
     act_bytes: int  # bytes of an activation element
     weight_copies: bool  # autocast's bf16 copies of linear weights, kept by backward
 
 
-PRECISIONS = {"fp32": Precision(torch.float32, 4, False), "bf16_autocast": Precision(torch.float32, 2, True),
-              "bf16": Precision(torch.bfloat16, 2, False)}
+PRECISIONS = {"fp32": Precision("fp32", torch.float32, 4, False), "bf16_autocast": Precision("bf16_autocast", torch.float32, 2, True),
+              "bf16": Precision("bf16", torch.bfloat16, 2, False)}
 
 
 @dataclass(frozen=True)
@@ -159,50 +160,69 @@ def _any(kinds: set[str], *suffixes: str) -> bool:
     return any(k.endswith(s) for k in kinds for s in suffixes)
 
 
-def _llama_layer(s: Shape, trained: set[str], adapted: set[str], full: bool, first: bool, r: int, a: int) -> float:
+def _inputs(width: int, kinds: tuple[str, ...], trained: set[str], adapted: set[str], p: Precision, from_stream: bool) -> float:
+    """Bytes per token that the linear layers `kinds`, which read one input, keep of it for their gradients. In fp32
+    they share it. LoRA under bf16 weights casts it to its fp32 adapter: a copy per adapter. Under autocast each layer
+    casts an fp32 input (`from_stream`: a normalised residual stream) to a bf16 copy of its own, and LoRA's fp32 cast
+    is cast back: a copy per adapter."""
+    base, lora = sum(k in trained for k in kinds), sum(k in adapted for k in kinds)
+    if p.name == "fp32":
+        return 4 * width if base or lora else 0
+    if p.name == "bf16":
+        return (2 * width if base else 0) + 4 * width * lora
+    return 2 * width * (base + lora) if from_stream else (2 * width if base else 0) + 2 * width * lora
+
+
+def _lora_out(p: Precision) -> int:
+    """Bytes of LoRA A's output: adapters stay fp32 (PEFT upcasts them) unless autocast computes them in bf16."""
+    return 2 if p.name == "bf16_autocast" else 4
+
+
+def _llama_layer(s: Shape, trained: set[str], adapted: set[str], full: bool, first: bool, r: int, p: Precision) -> float:
     """Bytes per token a decoder layer keeps for backward (RMSNorm, GQA attention through SDPA, SwiGLU MLP)."""
-    h, kv, i = s.hidden, s.kv, s.intermediate
+    h, kv, i, a = s.hidden, s.kv, s.intermediate, p.act_bytes
     norm = F32 * h + F32  # RMSNorm keeps its input (upcast to fp32) and 1/rms
     norms = norm * (1 if first and not full else 2)  # LoRA: the first norm's input (frozen embeddings) needs no gradient
     norm_weights = 2 * a * h if full else 0  # the normalised input, for the norm weight's gradient
-    attn_in = a * h if _any(trained | adapted, "q_proj", "k_proj", "v_proj") else 0  # q/k/v input (LoRA A's too)
+    attn_in = _inputs(h, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), trained, adapted, p, True)
     sdpa = a * (2 * h + 2 * kv) + F32 * s.heads  # q, output, k, v and the logsumexp (o_proj's input is the output)
-    mlp_in = a * h if _any(trained | adapted, "gate_proj", "up_proj") else 0
+    o_lora = _inputs(h, ("self_attn.o_proj",), set(), adapted, p, False) if p.name != "fp32" else 0  # LoRA's own copy
+    mlp_in = _inputs(h, ("mlp.gate_proj", "mlp.up_proj"), trained, adapted, p, True)
     mlp = 3 * a * i  # gate output (SiLU's input), SiLU output and up output (the product's operands)
-    down_in = a * i if _any(trained | adapted, "down_proj") else 0
-    lora = a * r * len(adapted)  # A's output, kept for B's gradient
-    return norms + norm_weights + attn_in + sdpa + mlp_in + mlp + down_in + lora
+    down_in = _inputs(i, ("mlp.down_proj",), trained, adapted, p, False)
+    lora = _lora_out(p) * r * len(adapted)  # A's output, kept for B's gradient
+    return norms + norm_weights + attn_in + sdpa + o_lora + mlp_in + mlp + down_in + lora
 
 
-def _bert_layer(s: Shape, trained: set[str], adapted: set[str], full: bool, first: bool, r: int, a: int) -> float:
+def _bert_layer(s: Shape, trained: set[str], adapted: set[str], full: bool, first: bool, r: int, p: Precision) -> float:
     """Bytes per token an encoder layer keeps for backward (post-LayerNorm, attention, GELU MLP, dropout)."""
-    h, i, hs = s.hidden, s.intermediate, s.heads * s.seq
+    h, i, hs, a = s.hidden, s.intermediate, s.heads * s.seq, p.act_bytes
     mask = a if s.device == "cpu" else 1  # dropout keeps its mask: a float tensor on CPU, bytes on CUDA
     grad = trained | adapted
     q, k, v = (_any(grad, name) or not first or full for name in ("query", "key", "value"))  # needs a gradient
-    attn_in = a * h if _any(grad, "query", "key", "value") else 0
+    attn_in = _inputs(h, ("attention.self.query", "attention.self.key", "attention.self.value"), trained, adapted, p, True)
     if s.fused_attention:
         attention = a * 4 * h + F32 * s.heads
     else:  # q k^T keeps each operand for the other's gradient; probs @ v likewise; softmax keeps its output
         attention = a * h * (int(k) + int(q) + int(q or k)) + a * hs + (mask + a * int(v)) * hs * (s.attention_dropout > 0)
-    ctx = a * h if _any(grad, "attention.output.dense") else 0
+    ctx = _inputs(h, ("attention.output.dense",), trained, adapted, p, False)
     dropouts = 2 * mask * h if s.hidden_dropout > 0 else 0
     norms = 2 * (a * h + 2 * F32)  # LayerNorm keeps its input, mean and 1/std
-    inter_in = a * h if _any(grad, "intermediate.dense") else 0
+    inter_in = _inputs(h, ("intermediate.dense",), trained, adapted, p, True)
     gelu = a * i
-    out_in = a * i if any(k == "output.dense" for k in grad) else 0
-    lora = a * r * len(adapted)
+    out_in = _inputs(i, ("output.dense",), trained, adapted, p, False)
+    lora = _lora_out(p) * r * len(adapted)
     return attn_in + attention + ctx + dropouts + norms + inter_in + gelu + out_in + lora
 
 
-def activation_bytes(s: Shape, trained: set[str], adapted: set[str], full: bool, r: int, a: int, checkpointing: bool) -> tuple[int, int]:
+def activation_bytes(s: Shape, trained: set[str], adapted: set[str], full: bool, r: int, p: Precision, checkpointing: bool) -> tuple[int, int]:
     """(kept for backward, transient at the start of backward) in bytes, for one micro-batch."""
     layer = _llama_layer if s.family == "llama" else _bert_layer
-    first, rest = (layer(s, trained, adapted, full, f, r, a) for f in (True, False))
-    if checkpointing:  # each layer's input is kept; one layer's activations are rebuilt during its backward
-        layers = s.layers * a * s.hidden + rest
-    else:
-        layers = first + (s.layers - 1) * rest
+    a = p.act_bytes
+    first, rest = (layer(s, trained, adapted, full, f, r, p) for f in (True, False))
+    # Checkpointing keeps each layer's input (the residual stream, in the weights' dtype) and rebuilds one layer's
+    # activations during its backward, after the loss's gradients are gone: the larger of the two is the transient.
+    layers = s.layers * p.weight_dtype.itemsize * s.hidden if checkpointing else first + (s.layers - 1) * rest
     if s.family == "llama":
         outside = F32 * s.hidden + F32 + (2 * a * s.hidden if full else 0)  # final norm (+ its output, lm_head's input)
         if s.causal_lm:  # the loss upcasts the logits to fp32; log-softmax keeps its output; labels and shifted labels
@@ -213,6 +233,8 @@ def activation_bytes(s: Shape, trained: set[str], adapted: set[str], full: bool,
     else:  # token ids and token types; the pooler's [CLS] slice keeps the last layer's output alive
         outside = 2 * INDEX + a * s.hidden + ((a * s.hidden + 2 * F32 + (a if s.device == "cpu" else 1) * s.hidden) if full else 0)
         transient = 2 * a * s.intermediate  # the last layer's MLP backward: the gradients into and out of GELU
+    if checkpointing:
+        transient = max(transient, rest)
     return int(s.tokens * (layers + outside)), int(s.tokens * transient)
 
 
@@ -235,7 +257,7 @@ def estimate(settings: Settings, method: MethodSettings) -> Estimate:
     shape = shape_of(model, settings, batch, seq)
     trained, adapted = trained_kinds(model)
     r = 0 if full else method.r
-    kept, transient = activation_bytes(shape, trained, adapted, full, r, precision.act_bytes, est.gradient_checkpointing)
+    kept, transient = activation_bytes(shape, trained, adapted, full, r, precision, est.gradient_checkpointing)
     accumulated = grads if settings.train.grad_accum > 1 else 0  # earlier micro-batches' gradients are live in the last backward
     head = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                if p.requires_grad and re.search(r"(pooler|classifier|score|lm_head)", n))  # made first in backward

@@ -77,7 +77,9 @@ def test_the_estimate_reads_no_weight_file(llama_config_only, monkeypatch):
 def _measured(s, batch: int, seq: int):
     family = family_of(s)
     torch.manual_seed(0)
-    model = family.load_model(str(s.model.name_or_path), s)
+    model = family.load_model(str(s.model.name_or_path), s).to(estimate.PRECISIONS[s.estimate.precision].weight_dtype)
+    if s.estimate.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, _ = adapters.apply_method(model, s.method, family.TASK_TYPE)
     model.train()
     optimizer = optimizer_for(model, s.method, s.train)
@@ -96,15 +98,19 @@ def _measured(s, batch: int, seq: int):
     return probe
 
 
-@pytest.mark.parametrize("case", ["bert full", "llama lora qv"])
+@pytest.mark.parametrize("case", ["bert full", "llama lora qv", "llama lora qv bf16", "llama full checkpointing"])
 def test_activations_agree_with_the_memory_probe(case, bert_dir, tmp_path, one_thread):
     batch, seq = 32, 128
     if case.startswith("bert"):
-        base = (f"model.name_or_path={bert_dir}", "method=full")
+        base = (f"model.name_or_path={bert_dir}", "method=full", *ON_CPU)
     else:
         LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).save_pretrained(tmp_path)
-        base = (f"model.name_or_path={tmp_path}", "task=instruct/alpaca", "method.targets=qv")
-    s = _settings(*base, *ON_CPU, f"estimate.batch_size={batch}", f"estimate.seq_len={seq}")
+        base = (f"model.name_or_path={tmp_path}", "task=instruct/alpaca", "method=full" if "full" in case else "method.targets=qv", *ON_CPU)
+    if case.endswith("bf16"):
+        base = (*base, "estimate.precision=bf16")
+    if case.endswith("checkpointing"):
+        base = (*base, "estimate.gradient_checkpointing=true")
+    s = _settings(*base, f"estimate.batch_size={batch}", f"estimate.seq_len={seq}")
     predicted = estimate.estimate(s, s.method)
     measured = _measured(s, batch, seq)
     assert predicted.peak_at == "backward"
