@@ -46,6 +46,9 @@ def count(n: int) -> str:
 def jobs(argv: list[str]) -> list[Settings]:
     """The settings of every job the command line asks for, expanded as lora-sweep's multirun expands them."""
     args = get_args_parser().parse_args(argv)
+    if args.help:
+        print(__doc__)
+        sys.exit(0)
     settings_module.register()
     with initialize_config_dir(config_dir=settings_module.CONF_DIR, version_base="1.3"):
         mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
