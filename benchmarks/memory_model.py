@@ -67,7 +67,7 @@ def measure(settings: Settings, batch: int, seq: int, device: str) -> dict:
     model = family.load_model(resolve_model(settings.model.name_or_path, settings.cache_dir), settings)
     model = model.to(device, estimate.PRECISIONS[settings.estimate.resolved_precision].weight_dtype)
     if settings.estimate.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model, _ = adapters.apply_method(model, settings.method, family.TASK_TYPE)
     model.train()
     optimizer = optimizer_for(model, settings.method, settings.train)

@@ -79,7 +79,7 @@ def _measured(s, batch: int, seq: int):
     torch.manual_seed(0)
     model = family.load_model(str(s.model.name_or_path), s).to(estimate.PRECISIONS[s.estimate.precision].weight_dtype)
     if s.estimate.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model, _ = adapters.apply_method(model, s.method, family.TASK_TYPE)
     model.train()
     optimizer = optimizer_for(model, s.method, s.train)
