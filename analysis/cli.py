@@ -15,12 +15,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=None,
                         help="how far from full FT a recommended rank may fall, in the metric's display units "
                              "(default: 1 point for GLUE metrics, 0.02 nats for a loss)")
+    parser.add_argument("--target-model", default=None,
+                        help="a model preset (e.g. llama3_1_8b): add the estimated memory and step time on that model for "
+                             "the recommended rank (the 'At your scale' section)")
     args = parser.parse_args(argv)
     from analysis import report
 
     try:
         with file_errors():
-            path = report.write(Path(args.results_dir) / "runs", args.tolerance)
+            path = report.write(Path(args.results_dir) / "runs", args.tolerance, args.target_model)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

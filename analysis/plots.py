@@ -315,3 +315,20 @@ def learning_vs_forgetting(points: pd.DataFrame, full: pd.Series | None, title: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save(fig, folder, name)
+def estimated_memory_vs_rank(ranks: list[int], estimates: list, full, device_bytes: int, title: str, folder: Path, name: str) -> Path:
+    """Stacked components of the estimated peak (lora_sweep.estimate.Estimate) at each rank and for full FT, in GiB,
+    with the device's memory as a line."""
+    gib = 2**30
+    labels = [f"r={r}" for r in ranks] + ["full FT"]
+    values = np.array([[getattr(e, part) / gib for part in SPLIT] for e in [*estimates, full]])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bottom = np.zeros(len(labels))
+    for i, part in enumerate(SPLIT):
+        ax.bar(labels, values[:, i], bottom=bottom, label=part)
+        bottom += values[:, i]
+    ax.axhline(device_bytes / gib, color=FULL_COLOR, linestyle="--", label=f"device memory ({device_bytes / gib:.0f} GiB)")
+    ax.set_ylabel("estimated peak memory of a training step (GiB)")
+    ax.set_title(f"{title}: estimated peak by component")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return save(fig, folder, name)

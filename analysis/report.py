@@ -64,16 +64,17 @@ METHOD_NOTE = (
     "significantly.")
 
 
-def write(records_dir: str | Path, tolerance: float | None = None) -> Path:
+def write(records_dir: str | Path, tolerance: float | None = None, target_model: str | None = None) -> Path:
     """Analyse the records in `records_dir` and write everything beside it (its parent folder); returns the report's path.
 
     Everything is written into a hidden folder there first and moved into place at the end, so a killed analysis
-    leaves either the earlier outputs or no report at all, never a report that disagrees with its tables."""
+    leaves either the earlier outputs or no report at all, never a report that disagrees with its tables.
+    `target_model` (a model preset) adds the "At your scale" section: the memory and time estimate on that model."""
     df, skipped = load_records(records_dir)
     dest = Path(records_dir).parent
     stage = Path(tempfile.mkdtemp(dir=dest, prefix=".analysis-"))
     try:
-        _write(df, skipped, stage, tolerance, Path(records_dir))
+        _write(df, skipped, stage, tolerance, Path(records_dir), target_model)
         _publish(stage, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -89,7 +90,8 @@ def _publish(stage: Path, dest: Path) -> None:
         os.replace(item, dest / item.name)
 
 
-def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | None, records_dir: Path) -> Path:
+def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | None, records_dir: Path,
+           target_model: str | None = None) -> Path:
     df.drop(columns="examples").to_parquet(out / "runs.parquet", index=False)
     df.drop(columns="examples").to_csv(out / "runs.csv", index=False)
     agg = aggregate(df)
@@ -148,12 +150,62 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
         figure = plots.overview(panels, plots_dir, "overview")
         lines += ["## Overview across tasks", "", f"![overview]({figure.relative_to(out).as_posix()})", ""]
 
+    if target_model and len(ranks):
+        lines += _at_your_scale(df, ranks, recommendation, target_model, out, plots_dir)
     lines += diagnostics.section(df, agg, records_dir, out)
     lines += deploy.section(records_dir.parent, plots_dir, out)
     lines += _runs_not_done(df, skipped)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _rank_to_estimate(recommendation: pd.DataFrame, ranks: pd.DataFrame) -> tuple[str, int, str]:
+    """(targets, rank, why): the recommended rank, else the rank closest to full FT."""
+    if "r" in recommendation and recommendation["r"].notna().any():
+        row = recommendation[recommendation["r"].notna()].iloc[0]
+        return row["targets"], int(row["r"]), "the recommended rank"
+    best = ranks.loc[ranks["delta"].idxmax()] if "delta" in ranks and ranks["delta"].notna().any() else ranks.iloc[0]
+    return best["targets"], int(best["r"]), "no rank is recommended: the rank closest to full FT"
+
+
+def _at_your_scale(df: pd.DataFrame, ranks: pd.DataFrame, recommendation: pd.DataFrame, target: str, out: Path,
+                   plots_dir: Path) -> list[str]:
+    """The memory and time estimate (lora_sweep.estimate) of the chosen rank and of full FT on `target`, and the
+    estimated peak by component at every rank of the sweep."""
+    from lora_sweep import estimate
+    from lora_sweep.errors import UserError
+    from lora_sweep.settings import TARGET_PRESETS, compose
+
+    targets, rank, why = _rank_to_estimate(recommendation, ranks)
+    lines = [f"## At your scale: {target}", ""]
+    if targets not in TARGET_PRESETS:
+        return lines + [f"Targets {targets!r} are module names of this sweep's model, not a preset: they cannot be carried over to {target}.", ""]
+    first = df.iloc[0]
+    budget = (f"task={first['task_family']}/{first['task']}", f"train.batch_size={int(first['batch_size'])}",
+              f"train.max_seq_len={int(first['max_seq_len'])}", f"method.targets={targets}")
+    try:
+        settings = [compose(f"model={target}", *budget, f"method.r={r}") for r in sorted({rank, *ranks["r"].astype(int)})]
+        per_rank = [estimate.estimate(s, s.method) for s in settings]
+        full = estimate.estimate(settings[0], settings[0].baseline)
+    except UserError as exc:
+        return lines + [f"No estimate for {target}: {exc}", ""]
+    chosen = next(e for s, e in zip(settings, per_rank) if s.method.r == rank)
+    e = settings[0].estimate
+    device = e.device_bytes
+    table = pd.DataFrame([{
+        "method": x.label, "trainable": f"{x.trainable:,}", **{k: f"{v / 2**30:.2f}" for k, v in x.components().items()},
+        "peak GiB": f"{x.peak / 2**30:.2f}", "peak at": x.peak_at, "step s": f"{x.seconds:.3f}",
+        f"fits {device / 2**30:.0f} GiB": "yes" if x.fits(device) else f"no: needs {x.peak / 2**30:.1f} GiB"} for x in (chosen, full)])
+    figure = plots.estimated_memory_vs_rank([s.method.r for s in settings], per_rank, full, device, target, plots_dir, _slug("estimate", target))
+    lines += [f"Estimated, not measured (lora_sweep.estimate; its error against measurements is in docs/memory_model.md): one "
+              f"training step of {target} on this sweep's task and budget (batch {int(first['batch_size'])}, every example at "
+              f"the {int(first['max_seq_len'])}-token maximum), {e.resolved_precision} on {e.device}, {e.optimizer}; "
+              f"r={rank} on {targets} ({why}). Memory in GiB; step time at {e.device_tflops:g} TFLOP/s x {e.utilization:g} "
+              f"utilization (`lora-estimate model={target} ...` for other settings).", "",
+              table.to_markdown(index=False, disable_numparse=True), "",
+              f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
+    return lines
 
 
 def _what_ran(df: pd.DataFrame, agg: pd.DataFrame) -> list[str]:

@@ -13,7 +13,7 @@ What is measured, per repeat (the variants interleaved, their order rotated ever
   (c) LoRA on random batches (group_by_length=false): the same steps, seed and model as the LoRA run of (b); the
                   ratio grouped / random of real tokens/s (and of s/step), and the padding fraction of each plan.
 
-The FLOP count (printed before the runs, with its check). Only matrix products are counted. Per token, forward: 2 x
+The FLOP count (lora_sweep/flops.py, printed before the runs with its check). Only matrix products are counted. Per token, forward: 2 x
 the weights of every linear layer the token passes through (encoder: q, k, v, attention output, FFN in and out;
 with LoRA also the adapter's A and B), plus attention 2 x 2 x seq x hidden per layer (QK^T and AV). Per example: 2
 x the task head's weights (BERT's pooler and classifier act on the [CLS] token only). Not counted: embeddings
@@ -47,7 +47,6 @@ what the model's shapes allow. On a busy machine torch's threads slow down many-
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import statistics
 import time
@@ -58,78 +57,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-
 from lora_sweep import batching, timing
+from lora_sweep.flops import FlopModel, flop_model
 
 MATMUL_N = 2048
 MATMUL_CALLS = 5  # timed calls per repeat (after warm-up); the repeat's figure is their median
 LINEAR_OPS = ("mm", "addmm")  # what nn.Linear runs as, forward and backward; any other counted op is attention
-
-
-@dataclasses.dataclass(frozen=True)
-class FlopModel:
-    """Training (forward + backward) FLOPs of one model: per token, per example, and attention per token per key."""
-
-    token_train: float  # linear layers applied to every token (encoder, adapter)
-    example_train: float  # linear layers applied once per example (pooler, classifier on [CLS])
-    attention_fwd: float  # per token and per attended position: 2 x 2 x hidden x layers
-    attention_train: float
-    groups: dict[str, tuple[int, float, float]]  # kind of linear -> (weights per token or example, fwd, train FLOPs)
-
-    def batch(self, lengths: list[int], padded: bool) -> float:
-        """Training FLOPs of one batch: at each example's own length, or every example at the batch's longest."""
-        if padded:
-            lengths = [max(lengths)] * len(lengths)
-        return sum(n * (self.token_train + self.attention_train * n) + self.example_train for n in lengths)
-
-    def plan(self, plan: batching.Plan, all_lengths: list[int]) -> tuple[float, float]:
-        """(useful, computed) training FLOPs of a whole plan."""
-        per_batch = [[all_lengths[i] for i in b] for b in plan.batches]
-        return sum(self.batch(b, False) for b in per_batch), sum(self.batch(b, True) for b in per_batch)
-
-
-def _kind(name: str) -> str:
-    if "lora_" in name:
-        return "LoRA adapter"
-    if "pooler" in name or "classifier" in name:
-        return "task head"
-    return "encoder linears"
-
-
-def flop_model(model: nn.Module, batch: dict) -> FlopModel:
-    """Read the FLOP model off one forward pass: every nn.Linear that runs, how many rows it sees (every token, or
-    one per example), and whether its input and weight need gradients (which decides its backward's cost)."""
-    seen: list[tuple[str, int, bool, int]] = []  # (name, weights, per token (else per example), training / forward)
-    names = {m: n for n, m in model.named_modules()}
-
-    def hook(module: nn.Linear, inputs, _output) -> None:
-        x = inputs[0]
-        rows = x.numel() // x.shape[-1]
-        per_token = rows == batch["input_ids"].numel()
-        if not per_token and rows != batch["input_ids"].shape[0]:
-            raise RuntimeError(f"{names[module]}: {rows} rows are neither every token nor one per example")
-        train = 1 + int(x.requires_grad) + int(module.weight.requires_grad)  # forward, input grad, weight grad
-        seen.append((names[module], module.in_features * module.out_features, per_token, train))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        with torch.enable_grad():
-            model(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: dict[str, list[float]] = {}
-    for name, weights, per_token, mult in seen:
-        g = groups.setdefault(_kind(name), [0, 0.0, 0.0])
-        g[0] += weights
-        g[1] += 2 * weights
-        g[2] += 2 * weights * mult
-    config = model.config
-    attention = 2 * 2 * config.hidden_size * config.num_hidden_layers
-    return FlopModel(
-        token_train=sum(2 * w * k for _, w, t, k in seen if t), example_train=sum(2 * w * k for _, w, t, k in seen if not t),
-        attention_fwd=attention, attention_train=3 * attention,
-        groups={k: (int(v[0]), v[1], v[2]) for k, v in groups.items()})
 
 
 def counted_flops(model: nn.Module, batch: dict, device: str) -> tuple[float, float]:

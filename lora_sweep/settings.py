@@ -9,6 +9,7 @@ OmegaConf builds these dataclasses with missing values while composing).
 from __future__ import annotations
 
 import functools
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class ModelSettings:
     name: str = MISSING  # short label used in records and plots
     name_or_path: str = MISSING  # hub id, local folder, or `package:<module>` for a model shipped in a PyPI package
     revision: str | None = None  # hub revision (branch, tag or commit)
+    architecture: str | None = None  # lora-estimate: the model's config.json (relative to conf/, e.g. architectures/llama3_1_8b.json), read instead of name_or_path's so no download is needed
 
 
 @dataclass
@@ -170,6 +172,60 @@ class LoggerSettings:
         _check(self.mode in ("online", "offline", "disabled"), f"logger.mode={self.mode!r} is not allowed; use online, offline or disabled")
 
 
+PRECISIONS = ("auto", "fp32", "bf16_autocast", "bf16")
+OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+MEMORY_UNITS = {"TiB": 2**40, "GiB": 2**30, "MiB": 2**20, "TB": 10**12, "GB": 10**9, "MB": 10**6}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80 GB', '512MiB' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", str(text))
+    _check(match is not None and match.group(2) in MEMORY_UNITS,
+           f"estimate.device_memory={text!r} is not a memory size; write a number and one of {', '.join(MEMORY_UNITS)} (e.g. 80GiB)")
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2)])
+
+
+@dataclass
+class EstimateSettings:
+    """What `lora-estimate` assumes beyond the experiment itself (model, method and train come from their groups)."""
+
+    device_memory: str = "80GiB"  # memory of the device the estimate is for: a number and a unit (GiB, GB, MiB, MB, TiB, TB)
+    device: str = "cuda"  # cuda (fused attention kernels, 1-byte dropout masks) | cpu (as this harness measures on CPU)
+    precision: str = "auto"  # auto: as lora-sweep trains on `device` (cuda: bf16 autocast over fp32 weights; cpu: fp32); fp32; bf16_autocast; bf16 (bf16 weights, gradients and AdamW state; LoRA adapters stay fp32, as PEFT keeps them)
+    batch_size: int | None = None  # examples per micro-batch; null: train.batch_size
+    seq_len: int | None = None  # tokens per example (every example at this length); null: train.max_seq_len
+    gradient_checkpointing: bool = False  # keep each layer's input only and recompute the layer in backward (one more forward)
+    optimizer: str = "adamw"  # adamw (two moments in the parameter's dtype) | adamw_8bit (bitsandbytes: 2 bytes per parameter) | sgd (no state)
+    device_tflops: float = 989.0  # rated dense TFLOP/s of the device in the compute dtype (H100 SXM bf16: 989; A100: 312; L40S: 362)
+    utilization: float = 0.4  # fraction of the rated FLOP/s a training step reaches (an assumption, not measured here; see benchmarks/memory_model.py)
+
+    def validate(self) -> None:
+        parse_bytes(self.device_memory)
+        _check(self.device in ("cuda", "cpu"), f"estimate.device={self.device!r} is not allowed; use cuda or cpu")
+        _check(self.precision in PRECISIONS, f"estimate.precision={self.precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
+        _check(self.optimizer in OPTIMIZERS, f"estimate.optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        for key in ("batch_size", "seq_len"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"estimate.{key}={value} must be at least 1 (or null for the train setting)")
+        _check(self.device_tflops > 0, f"estimate.device_tflops={self.device_tflops} must be > 0")
+        _check(0 < self.utilization <= 1, f"estimate.utilization={self.utilization} must be in (0, 1]")
+
+    @property
+    def device_bytes(self) -> int:
+        return parse_bytes(self.device_memory)
+
+    @property
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "bf16_autocast" if self.device == "cuda" else "fp32"
+
+
+@dataclass
+class AnalysisSettings:
+    target_model: str | None = None  # a model preset (conf/model/<name>.yaml): the report adds its memory and time estimate; null: none
+
+
 @dataclass
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -178,6 +234,8 @@ class Settings:
     baseline: MethodSettings = field(default_factory=MethodSettings)  # the full-FT method every LoRA run is paired with
     train: TrainSettings = field(default_factory=TrainSettings)
     logger: LoggerSettings = field(default_factory=LoggerSettings)
+    estimate: EstimateSettings = field(default_factory=EstimateSettings)  # lora-estimate only
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     results_dir: str = "results/runs"  # the run records (and their history/, logs/, corrupt/ folders)
     cache_dir: str = ".cache/lora_sweep"  # tokenized data, converted models, Hydra's own output folders
     artifacts_dir: str = "${results_dir}/artifacts"  # saved adapters and models (train.save_adapter)
@@ -186,7 +244,7 @@ class Settings:
     analyze: bool = False  # sweeps: write the analysis report beside results_dir when the sweep ends
 
     def validate(self) -> None:
-        for part in (self.task, self.method, self.baseline, self.train, self.logger):
+        for part in (self.task, self.method, self.baseline, self.train, self.logger, self.estimate):
             part.validate()
         _check(self.baseline.name == "full", f"baseline must be a full fine-tuning method, not {self.baseline.name!r}")
 

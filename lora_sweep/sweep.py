@@ -56,6 +56,7 @@ class Sweep:
     results_dir: str
     run_ids: list[str]
     analyze: bool
+    target_model: str | None  # analysis.target_model: the report's "At your scale" section
 
 
 def job_overrides(config: DictConfig) -> list[list[str]]:
@@ -117,7 +118,7 @@ def start(argv: list[str]) -> Sweep | None:
     # written once the jobs are about to start: their ETA clock
     (sweep_dir / PLAN_FILE).write_text(json.dumps({"jobs": len(plans), "started": time.time()}))
     return Sweep(plans[0].settings.results_dir, list(dict.fromkeys([*baselines, *(p.run_id for p in plans)])),
-                 plans[0].settings.analyze)
+                 plans[0].settings.analyze, plans[0].settings.analysis.target_model)
 
 
 def _read_data(plans: list[Plan]) -> None:
@@ -153,7 +154,7 @@ def finish(sweep: Sweep) -> int:
     if written:
         print(tables.sweep_summary(sweep.results_dir, written))
         if sweep.analyze:
-            print(f"[sweep] analysis written to {report.write(sweep.results_dir)}")
+            print(f"[sweep] analysis written to {report.write(sweep.results_dir, target_model=sweep.target_model)}")
     lost = [rid for rid, record in found.items() if not record or record["status"] not in ("done", "diverged")]
     if lost:
         print(f"[sweep] {len(lost)} of {len(found)} runs failed or left no record: {', '.join(lost)}", file=sys.stderr)

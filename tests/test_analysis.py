@@ -456,3 +456,15 @@ def test_empty_or_missing_folder_gives_one_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "analysis.cli", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: no readable run records in {tmp_path / 'runs'}"]
+
+
+def test_the_report_estimates_the_recommended_rank_on_a_target_model(tmp_path, templates):
+    runs = tmp_path / "runs"
+    write(runs, templates, {1: [0.80, 0.801, 0.799], 4: [0.854, 0.855, 0.856]}, [0.86, 0.86, 0.86])
+    text = report.write(runs, target_model="qwen2_5_0_5b").read_text()
+    section = text.split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
+    assert "r=4 on qv (the recommended rank)" in section
+    assert "| LoRA r=4 qv " in section and "| full FT " in section
+    plot = (tmp_path / "plots" / "estimate_qwen2_5_0_5b.svg").read_text()
+    assert all(part in plot for part in ("r=1", "r=4", "full FT", "device memory (80 GiB)"))
+    assert "## At your scale" not in report.write(runs).read_text()  # no target model, no section

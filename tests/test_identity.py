@@ -20,7 +20,8 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from lora_sweep import experiment, identity
 from lora_sweep.errors import UserError
-from lora_sweep.settings import LoggerSettings, MethodSettings, ModelSettings, Settings, TaskSettings, TrainSettings, compose
+from lora_sweep.settings import (AnalysisSettings, EstimateSettings, LoggerSettings, MethodSettings, ModelSettings, Settings, TaskSettings,
+                                 TrainSettings, compose)
 from tests.conftest import SHARED_DATA
 
 DIFFERS, SAME = "differs", "same"
@@ -37,6 +38,7 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         "name_or_path": [((), ("model.name_or_path={bert_other}",), DIFFERS),  # other weights
                          ((), ("model.name_or_path={bert_copy}",), SAME)],  # the same files elsewhere
         "revision": [((), ("model.revision=v2",), SAME)],  # a local folder has no revisions
+        "architecture": [((), ("model.architecture=architectures/llama3_2_1b.json",), SAME)],  # read by lora-estimate only
     },
     "task": {
         "family": [(("model.name_or_path={llama}",), INSTRUCT, DIFFERS)],
@@ -104,6 +106,10 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
     },
     "logger": {name: [((), (override,), SAME)] for name, override in {
         "name": "logger=wandb", "project": "logger.project=other", "mode": "logger.mode=disabled"}.items()},
+    "estimate": {name: [((), (f"estimate.{name}={value}",), SAME)] for name, value in {  # lora-estimate's assumptions
+        "device_memory": "24GiB", "device": "cpu", "precision": "bf16", "batch_size": 4, "seq_len": 512,
+        "gradient_checkpointing": "true", "optimizer": "sgd", "device_tflops": 312, "utilization": 0.5}.items()},
+    "analysis": {"target_model": [((), ("analysis.target_model=llama3_1_8b",), SAME)]},  # the report only
     "": {  # top-level settings: where results go and how a sweep treats existing runs
         "results_dir": [((), ("results_dir={tmp}/elsewhere",), SAME)],
         "cache_dir": [((), ("cache_dir={tmp}/other_cache",), SAME)],
@@ -114,7 +120,7 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
     },
 }
 SECTIONS = {"model": ModelSettings, "task": TaskSettings, "method": MethodSettings, "baseline": MethodSettings,
-            "train": TrainSettings, "logger": LoggerSettings}
+            "train": TrainSettings, "logger": LoggerSettings, "estimate": EstimateSettings, "analysis": AnalysisSettings}
 CASES = [pytest.param(section, name, base, changed, expect, id=f"{section or 'top'}.{name}-{i}")
          for section, rows in TABLE.items() for name, cases in rows.items() for i, (base, changed, expect) in enumerate(cases)]
 
