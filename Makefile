@@ -13,10 +13,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 .PHONY: setup sweep test
 setup: $(VENV)/.installed
 
-sweep: $(VENV)/.installed                           # train, measure the chosen rank's deployment, then analyse
-	$(VENV)/bin/lora-sweep +sweep=rank analyze=false
-	$(VENV)/bin/lora-deploy results
-	$(VENV)/bin/lora-analyze results
+sweep: $(VENV)/.installed                           # train, measure the chosen rank's deployment, then analyse (conf/sweep/rank.yaml)
+	$(VENV)/bin/lora-sweep +sweep=rank
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -40,6 +40,7 @@ from lora_sweep.settings import Settings
 
 BATCH_SIZES = (1, 32)
 LATENCY_BATCHES = {1: 8, 32: 1}  # real eval batches timed per repeat, spread over the length-sorted eval split
+REPEATS = 5  # interleaved repeats of every timing
 MANY = (1, 2, 4, 8)  # adapters on one base against as many merged models
 
 
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results_dir", nargs="?", default="results", help="folder holding runs/ (default: results)")
     parser.add_argument("--run", action="append", default=[], help="run id of a LoRA run to measure (repeatable; "
                         "default: the seed-0 run of the recommended rank, else of the rank with the best estimate)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every timing (default 5)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help=f"interleaved repeats of every timing (default {REPEATS})")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: all cores)")
     parser.add_argument("--cache-dir", default=".cache/lora_sweep", help="token cache and converted models (default: .cache/lora_sweep)")
     args = parser.parse_args(argv)

@@ -242,6 +242,7 @@ class Settings:
     pair_baseline: bool = True  # ensure the paired full-FT run before each LoRA run
     rerun: bool = False  # run again even if a `done` record exists
     analyze: bool = False  # sweeps: write the analysis report beside results_dir when the sweep ends
+    deploy: bool = False  # sweeps: before the analysis, measure deployment (lora-deploy's default run) into <results>/deploy
 
     def validate(self) -> None:
         for part in (self.task, self.method, self.baseline, self.train, self.logger, self.estimate):

@@ -56,6 +56,8 @@ class Sweep:
     results_dir: str
     run_ids: list[str]
     analyze: bool
+    deploy: bool  # lora-deploy's default measurement before the analysis
+    cache_dir: str
     target_model: str | None  # analysis.target_model: the report's "At your scale" section
 
 
@@ -118,7 +120,8 @@ def start(argv: list[str]) -> Sweep | None:
     # written once the jobs are about to start: their ETA clock
     (sweep_dir / PLAN_FILE).write_text(json.dumps({"jobs": len(plans), "started": time.time()}))
     return Sweep(plans[0].settings.results_dir, list(dict.fromkeys([*baselines, *(p.run_id for p in plans)])),
-                 plans[0].settings.analyze, plans[0].settings.analysis.target_model)
+                 plans[0].settings.analyze, plans[0].settings.deploy, plans[0].settings.cache_dir,
+                 plans[0].settings.analysis.target_model)
 
 
 def _read_data(plans: list[Plan]) -> None:
@@ -145,14 +148,16 @@ def _check_writable(folder: str) -> None:
 
 
 def finish(sweep: Sweep) -> int:
-    """Print the sweep's table (and write the analysis if asked); return the exit status: 1 if a run failed or left no record."""
+    """Print the sweep's table (measure deployment and write the analysis if asked); return the exit status: 1 if a run failed or left no record."""
     from analysis import report, tables
-    from lora_sweep import records
+    from lora_sweep import deploy, records
 
     found = {rid: records.read_record(sweep.results_dir, rid) for rid in sweep.run_ids}
     written = [rid for rid, record in found.items() if record]
     if written:
         print(tables.sweep_summary(sweep.results_dir, written))
+        if sweep.deploy:
+            deploy.deploy(Path(sweep.results_dir).parent, [], deploy.REPEATS, 0, sweep.cache_dir)
         if sweep.analyze:
             print(f"[sweep] analysis written to {report.write(sweep.results_dir, target_model=sweep.target_model)}")
     lost = [rid for rid, record in found.items() if not record or record["status"] not in ("done", "diverged")]

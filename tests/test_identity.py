@@ -117,6 +117,7 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         "rerun": [((), ("rerun=true",), SAME)],
         "artifacts_dir": [((), ("artifacts_dir={tmp}/adapters",), SAME)],
         "analyze": [((), ("analyze=true",), SAME)],
+        "deploy": [((), ("deploy=true",), SAME)],
     },
 }
 SECTIONS = {"model": ModelSettings, "task": TaskSettings, "method": MethodSettings, "baseline": MethodSettings,
