@@ -26,6 +26,7 @@ from scipy import stats as scipy_stats
 
 from analysis import plots, tables
 from lora_sweep import adapters, diagnostics, records
+from lora_sweep.metrics import metric_info
 from lora_sweep.experiment import family_of
 from lora_sweep.hub import resolve_model
 
@@ -330,11 +331,14 @@ def _spectrum_vs_rank(ranks, curve, lora, agg) -> list[str]:
     found = spectrum_vs_rank(ranks, curve, modules, points)
     if found is None:
         return []
-    pairs = ", ".join(f"r={r}: {100 * e:.0f} % / {100 * v:.1f}" for r, e, v in found["points"])
+    metric = points["primary_metric"].iloc[0]
+    scale, better = metric_info(metric).scale, "higher" if metric_info(metric).higher_is_better else "lower"
+    pairs = ", ".join(f"r={r}: {100 * e:.0f} % / {scale * v:.{2 if scale == 1 else 1}f}" for r, e, v in found["points"])
     return [f"**Does the spectrum predict the rank curve?** Share of full FT's ΔW energy (on {targets}) at rank r against the "
-            f"measured metric at r ({pairs}): Spearman ρ = {found['rho']:+.2f} (p = {found['p']:.2f}, n = {found['n']} ranks). "
-            "Caveat: a handful of points, and the captured energy grows with r by construction, so ρ here only asks whether the "
-            "metric rises with r as the energy does; the seed noise of each point (see the rank table) is not in ρ.", ""]
+            f"measured {metric} at r ({pairs}; {better} is better): Spearman ρ = {found['rho']:+.2f} (p = {found['p']:.2f}, "
+            f"n = {found['n']} ranks). Caveat: a handful of points, and the captured energy grows with r by construction, so ρ "
+            "here only asks whether the metric moves with r as the energy does; the seed noise of each point (see the rank "
+            "table) is not in ρ.", ""]
 
 
 def _forgetting(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[str]:
