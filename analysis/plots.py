@@ -315,6 +315,8 @@ def learning_vs_forgetting(points: pd.DataFrame, full: pd.Series | None, title: 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save(fig, folder, name)
+
+
 def estimated_memory_vs_rank(ranks: list[int], estimates: list, full, device_bytes: int, title: str, folder: Path, name: str) -> Path:
     """Stacked components of the estimated peak (lora_sweep.estimate.Estimate) at each rank and for full FT, in GiB,
     with the device's memory as a line."""
