@@ -42,8 +42,8 @@ def _layer_and_matrix(name: str) -> tuple[int, str]:
     return (int(match.group(1)), match.group(2)) if match else (-1, name)
 
 
-def updates(record: dict[str, Any], records_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-    """(ΔW, W₀) by module name for one run, or None when its artifact is not on disk."""
+def updates(record: dict[str, Any], records_dir: Path) -> tuple[dict[str, torch.Tensor], ...] | None:
+    """(ΔW, W₀, LoRA's A) by module name for one run (no A for full FT), or None when its artifact is not on disk."""
     artifact = records.artifact_dir(record, records_dir)
     if artifact is None:
         return None
@@ -54,9 +54,10 @@ def updates(record: dict[str, Any], records_dir: Path) -> tuple[dict[str, torch.
         names = [n for n, m in adapters.adaptable_modules(base, adapters.family_of(base)).items() if isinstance(m, torch.nn.Linear)]
         tuned = family.load_model(str(artifact), settings)
         weights = {n: base.get_submodule(n).weight.detach().double() for n in names}
-        return {n: tuned.get_submodule(n).weight.detach().double() - weights[n] for n in names}, weights
+        return {n: tuned.get_submodule(n).weight.detach().double() - weights[n] for n in names}, weights, {}
     weights = {n: base.get_submodule(n).weight.detach().double().clone() for n in record["adapted_modules"]}
-    return diagnostics.lora_deltas(PeftModel.from_pretrained(base, artifact)), weights
+    model = PeftModel.from_pretrained(base, artifact)
+    return diagnostics.lora_deltas(model), weights, diagnostics.lora_a(model)
 
 
 def _describe(record: dict[str, Any]) -> dict[str, Any]:
@@ -67,14 +68,10 @@ def _describe(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(run_records: list[dict[str, Any]], records_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """The three cached tables from the artifacts on disk, and the run ids whose artifact is missing."""
-    ranks, spectra, directions, missing = [], [], {}, []
+    """The three cached tables, measured from the runs' artifacts (every run given has one on disk)."""
+    ranks, spectra, directions = [], [], {}
     for record in run_records:
-        found = updates(record, records_dir)
-        if found is None:
-            missing.append(record["run_id"])
-            continue
-        deltas, weights = found
+        deltas, weights, a_matrices = updates(record, records_dir)
         about = _describe(record)
         for name, delta in deltas.items():
             factors = diagnostics.svd(delta)
@@ -89,10 +86,10 @@ def measure(run_records: list[dict[str, Any]], records_dir: Path) -> tuple[dict[
             kept = sigma[:min(SPECTRUM_TOP, r or SPECTRUM_TOP)]
             spectra += [{"run_id": record["run_id"], "module": name, "k": k + 1, "sigma": float(f"{s:.5g}")} for k, s in enumerate(kept)]
             if lora:
-                directions[(record["run_id"], name)] = diagnostics.right_directions(factors, min(r, SPECTRUM_TOP))
+                directions[(record["run_id"], name)] = diagnostics.right_directions(a_matrices[name], min(r, SPECTRUM_TOP))
     tables = {"update_ranks": pd.DataFrame(ranks), "update_spectra": pd.DataFrame(spectra),
               "phi": _phi(pd.DataFrame(ranks), directions)}
-    return tables, missing
+    return tables
 
 
 def _phi(ranks: pd.DataFrame, directions: dict) -> pd.DataFrame:
@@ -126,29 +123,40 @@ def _phi(ranks: pd.DataFrame, directions: dict) -> pd.DataFrame:
 
 
 def load_or_measure(df: pd.DataFrame, records_dir: Path) -> tuple[dict[str, pd.DataFrame] | None, str]:
-    """The tables from the artifacts when any is on disk, else from the cached tables of an earlier analysis beside
-    the records (limited to these runs); None and why when neither exists. The note says where they came from."""
+    """The tables measured from the artifacts on disk, with the rows of the other runs from the cached tables of an
+    earlier analysis beside the records (all limited to these runs); None and why when there is neither. φ comes from
+    the artifacts when any is on disk (it pairs runs), else from the cache. The note says where everything came from."""
     done = df[(df["status"] == "done") & df["method"].isin(["lora", "full"])]
     run_records = [records.load(records_dir / f"{rid}.json") for rid in done["run_id"]]
     have = [r for r in run_records if records.artifact_dir(r, records_dir)]
-    if have:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # float64 SVDs on cores shared with other work: ~25x faster on one thread than on two (measured)
-        try:
-            tables, missing = measure(have, records_dir)
-        finally:
-            torch.set_num_threads(threads)
-        note = f"measured from the saved artifacts of {len(have)} runs" + (f" ({len(missing)} without one)" if missing else "")
-        return tables, note
     cache = records_dir.parent / "tables"
-    if all((cache / f"{name}.{kind}").is_file() for name, kind in TABLES.items()):
-        tables = {name: pd.read_csv(cache / f"{name}.csv") if kind == "csv" else pd.read_parquet(cache / f"{name}.{kind}")
-                  for name, kind in TABLES.items()}
-        ids = set(done["run_id"])
-        for name in ("update_ranks", "update_spectra"):
-            tables[name] = tables[name][tables[name]["run_id"].isin(ids)]
-        return tables, "read from the cached tables of an earlier analysis (the saved artifacts are not on disk)"
-    return None, "No saved adapters or models are on disk (artifacts are not committed) and no cached tables exist: no update analyses."
+    cached = ({name: pd.read_csv(cache / f"{name}.csv") if kind == "csv" else pd.read_parquet(cache / f"{name}.{kind}")
+               for name, kind in TABLES.items()} if all((cache / f"{name}.{kind}").is_file() for name, kind in TABLES.items()) else None)
+    if not have and cached is None:
+        return None, "No saved adapters or models are on disk (artifacts are not committed) and no cached tables exist: no update analyses."
+    tables = _measure_on_one_thread(have, records_dir) if have else dict(cached)
+    from_cache = set(done["run_id"]) - {r["run_id"] for r in have}
+    reused = 0
+    for name in ("update_ranks", "update_spectra"):
+        if have and cached is not None:
+            extra = cached[name][cached[name]["run_id"].isin(from_cache)]
+            reused = extra["run_id"].nunique()
+            tables[name] = pd.concat([tables[name], extra], ignore_index=True)
+        tables[name] = tables[name][tables[name]["run_id"].isin(set(done["run_id"]))]
+    note = (f"measured from the saved artifacts of {len(have)} runs" if have else "read from the cached tables of an earlier analysis"
+            + " (the saved artifacts are not on disk)")
+    if reused:
+        note += f"; {reused} runs' rows read from the cached tables of an earlier analysis (their artifacts are not on disk)"
+    return tables, note
+
+
+def _measure_on_one_thread(run_records: list[dict[str, Any]], records_dir: Path) -> dict[str, pd.DataFrame]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # float64 SVDs on cores shared with other work: ~25x faster on one thread than on two (measured)
+    try:
+        return measure(run_records, records_dir)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def save(tables: dict[str, pd.DataFrame], folder: Path) -> None:
@@ -280,7 +288,7 @@ def _updates(ranks, spectra, curve, phi, agg, df, title, out) -> list[str]:
         top = part_phi[(part_phi["i"] == 1) & (part_phi["j"] == 1)]
         reading = "; ".join(f"{row['comparison']}, {row['matrix']}: φ(1,1) = {row['phi']:.2f} over {int(row['pairs'])} layer×pair cases "
                             f"(unrelated random directions: {1 / row['d']:.3f})" for _, row in top.iterrows())
-        lines += ["φ(i, j) = ‖V₁,ᵢᵀ V₂,ⱼ‖²_F / min(i, j) of the top right singular vectors (LoRA paper §7.2): 1 where one "
+        lines += ["φ(i, j) = ‖V₁,ᵢᵀ V₂,ⱼ‖²_F / min(i, j) of the top right singular vectors of the adapters' A matrices (LoRA paper §7.2): 1 where one "
                   "subspace holds the other, max(i, j)/d for unrelated ones. " + reading + ". A top direction shared far above "
                   "chance means a low rank already finds what a higher rank (or another seed) finds.", "",
                   f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]

@@ -291,7 +291,7 @@ def phi_heatmaps(phi: pd.DataFrame, title: str, folder: Path, name: str) -> Path
         ax.set_ylabel("i (directions of the first)")
         ax.set_title(f"{comparison}\n{matrix}", fontsize=7)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.suptitle(f"{title}: subspace similarity φ(i, j) of ΔW's top right singular vectors", fontsize=9)
+    fig.suptitle(f"{title}: subspace similarity φ(i, j) of the top right singular vectors of A", fontsize=9)
     return save(fig, folder, name)
 
 

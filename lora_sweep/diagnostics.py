@@ -2,9 +2,9 @@
 
 - ΔW of a LoRA module is PEFT's own `get_delta_weight` (scale · B · A, as merging would add it), never re-derived.
 - Effective rank at an energy level: the fewest singular values whose squares hold that share of ‖ΔW‖²_F.
-- Subspace similarity (LoRA paper §7.2): φ(i, j) = ‖V₁[:, :i]ᵀ V₂[:, :j]‖²_F / min(i, j), with V the top right
-  singular vectors of the two updates (the input directions, the row space of A that the paper compares): 1 when
-  one subspace contains the other, about max(i, j) / d for unrelated random subspaces of a d-dimensional space.
+- Subspace similarity (LoRA paper §7.2): φ(i, j) = ‖V₁[:, :i]ᵀ V₂[:, :j]‖²_F / min(i, j), with V the right singular
+  vectors of the two adapters' A matrices, ordered by A's singular values, as the paper defines it: 1 when one
+  subspace contains the other, about max(i, j) / d for unrelated random subspaces of a d-dimensional space.
 - Amplification factor (§7.3): ‖ΔW‖_F / ‖Uᵀ W₀ V‖_F with U, V the top-r singular vectors of ΔW: how much ΔW
   amplifies directions that W₀ itself barely uses.
 """
@@ -19,14 +19,22 @@ from torch import nn
 ADAPTER = "default"  # PEFT's name for the one adapter a run trains
 
 
+def _lora_layers(model: nn.Module, adapter: str):
+    """(module name as `adapted_modules` lists it, LoRA layer) for every module of a PEFT model carrying `adapter`."""
+    return [(name.removeprefix("base_model.model."), module) for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and adapter in module.lora_A]
+
+
+@torch.no_grad()
 def lora_deltas(model: nn.Module, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
-    """ΔW of every LoRA module of a PEFT model, by the wrapped model's own module name (as `adapted_modules` lists them)."""
-    deltas = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            with torch.no_grad():
-                deltas[name.removeprefix("base_model.model.")] = module.get_delta_weight(adapter).detach().double()
-    return deltas
+    """ΔW of every LoRA module of a PEFT model, by module name."""
+    return {name: module.get_delta_weight(adapter).detach().double() for name, module in _lora_layers(model, adapter)}
+
+
+@torch.no_grad()
+def lora_a(model: nn.Module, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
+    """A (r × fan-in) of every LoRA module of a PEFT model, by module name: the matrix whose row space φ compares."""
+    return {name: module.lora_A[adapter].weight.detach().double().flatten(1) for name, module in _lora_layers(model, adapter)}
 
 
 def effective_rank(sigma: np.ndarray, level: float) -> int:
@@ -44,9 +52,9 @@ def svd(delta: torch.Tensor):
     return torch.linalg.svd(delta.detach().double(), full_matrices=False)
 
 
-def right_directions(factors, k: int) -> torch.Tensor:
-    """The top-k right singular vectors of ΔW (from `svd`) as columns (d_in × k)."""
-    return factors.Vh[:k].T
+def right_directions(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k right singular vectors of an adapter's A (r × d_in) as columns (d_in × k): what φ compares."""
+    return svd(a).Vh[:k].T
 
 
 def phi_grid(v1: torch.Tensor, v2: torch.Tensor) -> np.ndarray:
