@@ -11,6 +11,7 @@ import pandas as pd
 
 from analysis.plots import save
 from lora_sweep import records
+from lora_sweep.metrics import metric_info
 
 MIB = 2**20
 HOW = "No deployment measurements: run `lora-deploy RESULTS_DIR` (`make sweep` does) to add them."
@@ -27,6 +28,12 @@ def load(results_dir: Path) -> list[dict[str, Any]]:
     return [r for r in (records.read_record(folder, p.stem) for p in sorted(folder.glob("*.json"))) if r] if folder.is_dir() else []
 
 
+def _shown(metric: str, value: float) -> str:
+    """A metric in its display units (accuracy in points, a loss as it is)."""
+    info = metric_info(metric)
+    return f"{info.scale * value:.{2 if info.scale != 1 else 3}f}"
+
+
 def _interval(summary: dict[str, float], fmt: str) -> str:
     return f"{summary['median']:{fmt}} [{summary['low']:{fmt}}, {summary['high']:{fmt}}]"
 
@@ -41,7 +48,7 @@ def table(deployed: list[dict[str, Any]]) -> pd.DataFrame:
             "run": f"r={d['r']} seed {d['seed']} ({d['run_id']})",
             "chosen": d["chosen"],
             "merge: max abs Δ output": f"{merge['max_abs_diff']:.1e}",
-            f"{merge['metric']} before → after merge": f"{100 * merge['before']:.2f} → {100 * merge['after']:.2f}",
+            "metric before → after merge": f"{merge['metric']} {_shown(merge['metric'], merge['before'])} → {_shown(merge['metric'], merge['after'])}",
             "merged / base latency, batch 1": _interval(latency["batch_1"]["merged/base"], ".2f"),
             "merged / base latency, batch 32": _interval(latency["batch_32"]["merged/base"], ".2f"),
             "unmerged / base, batch 32": _interval(latency["batch_32"]["unmerged/base"], ".2f"),

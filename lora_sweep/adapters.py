@@ -178,7 +178,7 @@ def resolve_rank_pattern(model: nn.Module, method: MethodSettings, targets: list
             raise UserError(f"method.rank_pattern names {key!r}, which is not an adapted module (targets {method.targets!r})")
         for name in matched:
             module = model.get_submodule(name)
-            largest = min(module.in_features, module.out_features)
+            largest = min(shape(module))
             if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= largest:
                 raise UserError(f"method.rank_pattern gives {name} rank {rank!r}; it must be an integer in 1..{largest}")
             ranks[name] = rank
@@ -209,9 +209,11 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tu
         use_dora=method.use_dora,
         init_lora_weights=_init_value(method.init),
         modules_to_save=HEADS[family] or None,
-        # full names, anchored by PEFT's matcher; each module keeps the uniform run's scale alpha / r per direction
+        # full names, anchored by PEFT's matcher; each module keeps the uniform run's scale per direction:
+        # alpha / r, or alpha / sqrt(r) under rsLoRA
         rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
-        alpha_pattern={re.escape(name): method.effective_alpha * rank / method.r for name, rank in ranks.items()},
+        alpha_pattern={re.escape(name): method.effective_alpha * (math.sqrt(rank / method.r) if method.use_rslora else rank / method.r)
+                       for name, rank in ranks.items()},
     )
     return get_peft_model(model, config), targets
 

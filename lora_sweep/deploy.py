@@ -108,10 +108,6 @@ def evict(folder: Path) -> None:
                 os.close(fd)
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-
-
 def tensor_bytes(*models: torch.nn.Module) -> int:
     """Bytes of the distinct tensors the models hold (a tensor shared by two of them counted once)."""
     seen = {t.data_ptr(): t.numel() * t.element_size() for m in models for t in m.state_dict().values()}
@@ -145,10 +141,11 @@ def merge_equivalence(served: Served, unmerged: PeftModel, merged: torch.nn.Modu
     metric_before, primary = served.family.split_metrics(before, labels, served.settings)
     metric_after, _ = served.family.split_metrics(after, labels, served.settings)
     recorded = served.record["examples"]["dev"]
+    same = list(served.dev["id"]) == recorded["ids"]
     return {"examples": len(before), "max_abs_diff": float(abs(after - before).max()), "metric": primary,
             "before": metric_before[primary], "after": metric_after[primary], "recorded": served.record["primary_value"],
-            "max_abs_diff_vs_recorded": float(np.abs(before - np.asarray(recorded["outputs"])).max()),
-            "same_examples_as_recorded": list(served.dev["id"]) == recorded["ids"]}
+            "max_abs_diff_vs_recorded": float(np.abs(before - np.asarray(recorded["outputs"])).max()) if same else None,
+            "same_examples_as_recorded": same}
 
 
 def latency(served: Served, base: torch.nn.Module, unmerged: PeftModel, merged: torch.nn.Module, repeats: int) -> dict[str, Any]:
@@ -224,8 +221,8 @@ def swap(served: Served, unmerged: PeftModel, other: dict[str, Any], checkpoint:
     runs = timing.interleaved(variants, repeats)
     return {
         "adapter_run_id": other["run_id"], "adapter_r": other["r"], "adapter_seed": other["seed"],
-        "adapter_bytes": folder_bytes(path), "checkpoint_run_id": served.record["baseline_run_id"],
-        "checkpoint_bytes": folder_bytes(checkpoint), "seconds": _summaries(runs),
+        "adapter_bytes": other["artifact"]["bytes"], "checkpoint_run_id": served.record["baseline_run_id"],
+        "seconds": _summaries(runs),
         "swap/checkpoint (warm)": _within_repeat(runs, "adapter swap (warm)", "checkpoint load (warm)"),
         "swap/checkpoint (cold)": _within_repeat(runs, "adapter swap (cold)", "checkpoint load (cold)"),
         "hotswap": "measured" if blocker is None else f"not applicable: {blocker}",
@@ -252,18 +249,18 @@ def many_adapters(served: Served, pool: list[dict[str, Any]], repeats: int) -> l
         parts = [{k: v[i::n] for k, v in batch.items()} for i in range(n)]
 
         @torch.inference_mode()
-        def each_merged() -> dict[str, float]:
+        def each_merged(keep: bool = False) -> dict[str, Any]:
             start = time.perf_counter()
             outputs = [model(**part).logits for model, part in zip(merged, parts)]
-            return {"s": time.perf_counter() - start, "logits": outputs}
+            return {"s": time.perf_counter() - start, **({"logits": outputs} if keep else {})}  # timed repeats keep no logits
 
-        def one_mixed() -> dict[str, float]:
-            with torch.inference_mode():
-                start = time.perf_counter()
-                logits = mixed(**batch, adapter_names=routing).logits
-                return {"s": time.perf_counter() - start, "logits": logits}
+        @torch.inference_mode()
+        def one_mixed(keep: bool = False) -> dict[str, Any]:
+            start = time.perf_counter()
+            logits = mixed(**batch, adapter_names=routing).logits
+            return {"s": time.perf_counter() - start, **({"logits": logits} if keep else {})}
 
-        check_mixed, check_merged = one_mixed()["logits"], each_merged()["logits"]
+        check_mixed, check_merged = one_mixed(keep=True)["logits"], each_merged(keep=True)["logits"]
         agree = max(float((check_mixed[i::n] - part).abs().max()) for i, part in enumerate(check_merged))
         runs = timing.interleaved({"mixed batch": one_mixed, "merged models": each_merged}, repeats)
         throughput = {name: timing.summary([rows / r["s"] for r in values]) for name, values in runs.items()}
@@ -291,7 +288,7 @@ def measure(record: dict[str, Any], runs_dir: Path, all_records: list[dict[str, 
     out = {
         "run_id": record["run_id"], "status": "done", "task": record["task"], "model": record["model"], "method": "lora",
         "r": record["r"], "seed": record["seed"], "targets": record["targets"], "chosen": chosen,
-        "adapter_bytes": folder_bytes(records.artifact_dir(record, runs_dir)), "checkpoint_bytes": folder_bytes(records.artifact_dir(baseline, runs_dir)),
+        "adapter_bytes": record["artifact"]["bytes"], "checkpoint_bytes": baseline["artifact"]["bytes"],  # the weights, as the runs recorded them
         "repeats": repeats, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": records.environment("cpu", torch.get_num_threads()),
         "merge": merge_equivalence(served, unmerged, merged),
@@ -318,11 +315,14 @@ def default_run(runs_dir: Path) -> tuple[str, str]:
     recommended = recommendation[recommendation["r"].notna()] if "r" in recommendation else recommendation.iloc[:0]
     if len(recommended):
         row, why = recommended.iloc[0], "the rank the analysis recommends"
-        config = ranks[(ranks["r"] == row["r"]) & (ranks["lr"] == row["lr"]) & (ranks["context_id"] == row["context_id"])].iloc[0]
-    else:
+        config = ranks[(ranks["r"] == row["r"]) & (ranks["lr"] == row["lr"]) & (ranks["context_id"] == row["context_id"])
+                       & (ranks["targets"] == row["targets"])].iloc[0]
+    elif "delta" in ranks:
         config = ranks.sort_values("delta", ascending=False, na_position="last").iloc[0]
         why = "no rank is recommended: the rank with the best estimate against full FT"
-    runs = df[(df["config_id"] == config["config_id"]) & (df["seed"] == 0)]
+    else:
+        raise UserError(f"no LoRA configuration in {runs_dir} is paired with a finished full-FT baseline; use --run RUN_ID")
+    runs = df[(df["config_id"] == config["config_id"]) & (df["seed"] == 0) & (df["status"] == "done")]
     if runs.empty:
         raise UserError(f"the chosen configuration (r={int(config['r'])}) has no seed-0 run in {runs_dir}")
     return runs.iloc[0]["run_id"], f"{why} (r={int(config['r'])}, seed 0)"

@@ -157,7 +157,10 @@ def finish(sweep: Sweep) -> int:
     if written:
         print(tables.sweep_summary(sweep.results_dir, written))
         if sweep.deploy:
-            deploy.deploy(Path(sweep.results_dir).parent, [], deploy.REPEATS, 0, sweep.cache_dir)
+            try:  # a measurement beside the sweep: its failure is said, and the analysis is still written
+                deploy.deploy(Path(sweep.results_dir).parent, [], deploy.REPEATS, 0, sweep.cache_dir)
+            except UserError as exc:
+                print(f"[sweep] deployment not measured: {exc}", file=sys.stderr)
         if sweep.analyze:
             print(f"[sweep] analysis written to {report.write(sweep.results_dir, target_model=sweep.target_model)}")
     lost = [rid for rid, record in found.items() if not record or record["status"] not in ("done", "diverged")]
