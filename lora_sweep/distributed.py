@@ -7,7 +7,8 @@ the identity, so a single-process run computes exactly what it did before. The r
   of a submitit job (Hydra's SLURM launcher, or its local executor) get them from submitit, which reads SLURM's;
 - process 0 alone holds the run's lock, decides whether the run is skipped, and writes the record;
 - each micro-batch of the plan (the global sequence, drawn up front from the seed) is split across the
-  processes, and each process's loss is weighted by its share, so the gradients DDP/FSDP average are those of the
+  processes, and each process's loss is weighted by its share of what the loss averages over (examples, or a
+  causal LM's predicted tokens), so the gradients DDP/FSDP average are those of the
   global batch's mean loss: the same optimisation as one process, up to floating-point summation order;
 - each process draws its own dropout masks (seed + rank);
 - every process evaluates its part of each evaluation batch and accelerate's gather_for_metrics collects the
@@ -120,16 +121,18 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
 
 
-def shard(batch: list[int]) -> tuple[list[int], float]:
-    """This process's contiguous part of one global micro-batch, and the weight of its mean loss: its share of
-    the batch times the number of processes, so the mean over processes of the weighted losses (what DDP and FSDP
-    average the gradients of) is the batch's mean loss. A process left with no example computes the first one
-    at weight 0, because every process must take part in every forward and backward."""
+def shard(batch: list[int], units: list[int] | None = None) -> tuple[list[int], float]:
+    """This process's contiguous part of one global micro-batch, and the weight of its mean loss: its share of what
+    the loss averages over (`units`, one number per example of the batch: 1 for a loss averaged over examples, the
+    default; the predicted tokens for one averaged over tokens) times the number of processes, so the mean over processes of the
+    weighted losses (what DDP and FSDP average the gradients of) is the batch's mean loss. A process left with no
+    example computes the first one at weight 0, because every process must take part in every forward and backward."""
     rank, size = processes()
     if size == 1:
         return batch, 1.0
-    part = batch[rank * len(batch) // size:(rank + 1) * len(batch) // size]
-    return (part, len(part) * size / len(batch)) if part else (batch[:1], 0.0)
+    units = units or [1] * len(batch)
+    low, high = rank * len(batch) // size, (rank + 1) * len(batch) // size
+    return (batch[low:high], sum(units[low:high]) * size / sum(units)) if high > low else (batch[:1], 0.0)
 
 
 def weighted(loss, weight: float):

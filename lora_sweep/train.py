@@ -62,6 +62,14 @@ def optimizer_for(model: nn.Module, method: MethodSettings, train: TrainSettings
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=method.lr)
 
 
+def loss_units(dataset, indices: list[int]) -> list[int]:
+    """What the model's mean loss averages over, per example: the tokens it predicts where labels are per token (a
+    causal LM's response: transformers shifts labels by one and ignores -100), else the example itself."""
+    if "labels" not in dataset.column_names:
+        return [1] * len(indices)
+    return [sum(label != -100 for label in labels[1:]) for labels in dataset.select(indices)["labels"]]
+
+
 def divergence(losses: list[float], factor: float) -> str | None:
     """Why training has run away, or None: a NaN/inf loss, or the mean of the last steps' losses above
     `factor` times the first step's loss (the loss of the untrained model)."""
@@ -109,7 +117,7 @@ def fit(
     progress = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
 
     def forward_backward(micro: list[int]) -> float:
-        part, weight = distributed.shard(micro)
+        part, weight = distributed.shard(micro, loss_units(dataset, micro) if accelerator.num_processes > 1 else None)
         batch = load_batch(dataset, part, collate, accelerator.device)
         loss = distributed.weighted(model(**batch).loss, weight)
         accelerator.backward(loss / train.grad_accum)

@@ -12,10 +12,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 
-from lora_sweep import distributed, experiment
+from lora_sweep import distributed, experiment, train
 from lora_sweep.errors import UserError
 from lora_sweep.settings import TrainSettings, compose
 from tests.test_sweep import sweep
@@ -170,3 +171,17 @@ def test_a_batch_is_shared_out_with_weights_that_keep_its_mean_loss(monkeypatch,
     losses = {5: 1.0, 6: 2.0, 7: 6.0, 9: 4.0}
     per_process = [weight * np.mean([losses[i] for i in part]) for part, weight in parts]
     assert np.mean(per_process) == pytest.approx(np.mean([losses[i] for i in batch]))
+
+
+def test_a_token_averaged_loss_is_shared_out_by_tokens(monkeypatch):
+    """A causal LM's loss is a mean over the batch's predicted tokens: each process's weight is its share of those."""
+    batch, tokens = [0, 1, 2], [1, 3, 4]  # per-example (token losses) below: the batch's mean is over all 8 tokens
+    token_losses = {0: [2.0], 1: [1.0, 1.0, 1.0], 2: [5.0, 5.0, 5.0, 5.0]}
+    per_process = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "processes", lambda rank=rank: (rank, 2))
+        part, weight = distributed.shard(batch, tokens)
+        per_process.append(weight * np.mean([v for i in part for v in token_losses[i]]))
+    assert np.mean(per_process) == pytest.approx(np.mean([v for i in batch for v in token_losses[i]]))
+    labels = [[-100, -100, 7], [-100, 7, 7, 7], [-100, 7, 7, 7, 7]]  # a causal LM predicts label t from token t-1
+    assert train.loss_units(datasets.Dataset.from_dict({"labels": labels}), [0, 1, 2]) == tokens
