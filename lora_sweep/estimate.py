@@ -248,11 +248,11 @@ def estimate(settings: Settings, method: MethodSettings) -> Estimate:
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     weights = sum(p.numel() * p.element_size() for p in params) + sum(b.numel() * b.element_size() for b in model.buffers())
-    if precision.weight_copies:
-        weights += sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    # autocast's bf16 copies of the linear weights: saved for backward, freed with the graph before the optimizer step
+    copies = sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) if precision.weight_copies else 0
     grads = sum(p.numel() * p.element_size() for p in trainable)
-    state_per_byte = {"adamw": 2.0, "adamw_8bit": 0.5, "sgd": 0.0}[est.optimizer]  # AdamW: two moments in the parameter's dtype
-    state = int(state_per_byte * grads)
+    state = {"adamw": 2 * grads, "adamw_8bit": sum(2 * p.numel() for p in trainable), "sgd": 0}[est.optimizer]  # two moments:
+    # AdamW's in the parameter's dtype, 8-bit AdamW's one byte each
     scratch = adamw_scratch(trainable, est.device) if est.optimizer == "adamw" else 0
     shape = shape_of(model, settings, batch, seq)
     trained, adapted = trained_kinds(model)
@@ -261,7 +261,7 @@ def estimate(settings: Settings, method: MethodSettings) -> Estimate:
     accumulated = grads if settings.train.grad_accum > 1 else 0  # earlier micro-batches' gradients are live in the last backward
     head = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                if p.requires_grad and re.search(r"(pooler|classifier|score|lm_head)", n))  # made first in backward
-    at_backward = weights + state + max(accumulated, head) + kept + transient
+    at_backward = weights + state + max(accumulated, head) + kept + transient + copies
     at_step = weights + state + grads + scratch
     flops = step_flops(model, shape, est.gradient_checkpointing) * settings.train.grad_accum
     label = "full FT" if full else f"LoRA r={method.r} {method.targets}"
@@ -269,7 +269,7 @@ def estimate(settings: Settings, method: MethodSettings) -> Estimate:
                   weights=weights, optimizer=state, all_gradients=grads, flops=flops,
                   seconds=flops / (est.device_tflops * 1e12 * est.utilization))
     if at_backward >= at_step:
-        return Estimate(**common, gradients=max(accumulated, head), activations=kept + transient, other=0, peak=at_backward, peak_at="backward")
+        return Estimate(**common, gradients=max(accumulated, head), activations=kept + transient + copies, other=0, peak=at_backward, peak_at="backward")
     return Estimate(**common, gradients=grads, activations=0, other=scratch, peak=at_step, peak_at="optimizer step")
 
 
