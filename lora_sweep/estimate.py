@@ -145,11 +145,21 @@ def trained_kinds(model: nn.Module) -> tuple[set[str], set[str]]:
     return trained, adapted
 
 
+MODELLED = ("bert", "llama")  # the layer layouts whose activations are counted term by term (_bert_layer, _llama_layer)
+
+
 def shape_of(model: nn.Module, settings: Settings, batch: int, seq: int) -> Shape:
     c = model.config
+    family = adapters.family_of(model)
+    if family not in MODELLED:
+        raise UserError(f"lora-estimate models the activations of {' and '.join(MODELLED)}-style layers; "
+                        f"{settings.model.name} is {c.model_type} ({family}), which it does not count")
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return Shape(family=adapters.family_of(model), causal_lm=settings.task.family == "instruct", layers=c.num_hidden_layers,
+    if heads * head_dim != c.hidden_size:
+        raise UserError(f"lora-estimate assumes attention heads x head size = hidden size; {settings.model.name} has "
+                        f"{heads} x {head_dim} != {c.hidden_size}")
+    return Shape(family=family, causal_lm=settings.task.family == "instruct", layers=c.num_hidden_layers,
                  hidden=c.hidden_size, heads=heads, kv=getattr(c, "num_key_value_heads", heads) * head_dim,
                  intermediate=c.intermediate_size, vocab=c.vocab_size,
                  attention_dropout=float(getattr(c, "attention_probs_dropout_prob", getattr(c, "attention_dropout", 0.0)) or 0.0),
