@@ -51,9 +51,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def start(train: TrainSettings, device: str) -> None:
+def start(train: TrainSettings, device: str, generate_examples: int = 0) -> None:
     """Join the run's other processes (before anything is decided for the run); check the settings fit the launch."""
     size = world_size()
+    if size > 1 and generate_examples:
+        raise UserError(f"task.generate_examples={generate_examples} is not supported with several processes (each would "
+                        f"generate on its own clock; under FSDP they would wait on each other); set task.generate_examples=0")
     if size > 1 and train.distributed == "none":
         raise UserError(f"this run was started as {size} processes but train.distributed=none; "
                         f"set train.distributed=ddp or fsdp, or start one process")

@@ -99,7 +99,7 @@ def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) ->
     A run of several processes (train.distributed) is run by all of them; process 0 alone holds its lock, decides
     whether it is skipped and writes its record."""
     p = plan(settings)
-    distributed.start(settings.train, p.device)
+    distributed.start(settings.train, p.device, settings.task.generate_examples)
     baseline = None
     if settings.method.name == "lora" and settings.pair_baseline:
         baseline = run(baseline_settings(settings), parallel_jobs, sweep)

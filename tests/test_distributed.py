@@ -138,6 +138,8 @@ def test_several_processes_need_a_distributed_mode_and_a_batch_they_can_share(mo
         distributed.start(TrainSettings(batch_size=7, distributed="ddp"), "cpu")
     with pytest.raises(UserError, match="train.distributed=fsdp needs GPUs"):
         distributed.start(TrainSettings(distributed="fsdp"), "cpu")
+    with pytest.raises(UserError, match="task.generate_examples=4 is not supported with several processes"):
+        distributed.start(TrainSettings(distributed="ddp"), "cpu", generate_examples=4)
 
 
 def test_fsdp_composes_into_a_sharding_plugin():
