@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_sweep import glue
+from lora_sweep import glue, instruct
 from lora_sweep.errors import UserError
 from lora_sweep.identity import file_digest
 from lora_sweep.metrics import glue_metrics
@@ -93,16 +93,14 @@ def _stsb_spearman(model, tokenizer, probe: tuple, max_len: int, device) -> floa
 
 @torch.no_grad()
 def _cross_entropy(model, tokenizer, texts: list[str], max_len: int, device) -> float:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    """Per-token cross-entropy of every token after the first, by the instruct family's own per-example loss."""
+    collate = instruct.collator(tokenizer)
     total, count = 0.0, 0
     for idx in _batches(texts):
-        enc = tokenizer([texts[i] for i in idx], padding=True, padding_side="right", truncation=True, max_length=max_len,
-                        return_tensors="pt").to(device)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
-        targets = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
-        count += int((targets != -100).sum())
+        ids = [tokenizer(texts[i], truncation=True, max_length=max_len)["input_ids"] for i in idx]
+        batch = {k: v.to(device) for k, v in collate([{"input_ids": x, "attention_mask": [1] * len(x), "labels": x} for x in ids]).items()}
+        loss_sum, tokens = instruct.batch_outputs(model, batch).sum(dim=0).tolist()
+        total, count = total + loss_sum, count + int(tokens)
     return total / count
 
 
