@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.tables import oriented, tuned  # noqa: E402
+from lora_sweep.estimate import GIB  # noqa: E402
 from lora_sweep.metrics import metric_info  # noqa: E402
 
 SPLIT = ["weights", "gradients", "optimizer", "activations", "other"]
@@ -320,15 +321,14 @@ def learning_vs_forgetting(points: pd.DataFrame, full: pd.Series | None, title: 
 def estimated_memory_vs_rank(ranks: list[int], estimates: list, full, device_bytes: int, title: str, folder: Path, name: str) -> Path:
     """Stacked components of the estimated peak (lora_sweep.estimate.Estimate) at each rank and for full FT, in GiB,
     with the device's memory as a line."""
-    gib = 2**30
     labels = [f"r={r}" for r in ranks] + ["full FT"]
-    values = np.array([[getattr(e, part) / gib for part in SPLIT] for e in [*estimates, full]])
+    values = np.array([[getattr(e, part) / GIB for part in SPLIT] for e in [*estimates, full]])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     bottom = np.zeros(len(labels))
     for i, part in enumerate(SPLIT):
         ax.bar(labels, values[:, i], bottom=bottom, label=part)
         bottom += values[:, i]
-    ax.axhline(device_bytes / gib, color=FULL_COLOR, linestyle="--", label=f"device memory ({device_bytes / gib:.0f} GiB)")
+    ax.axhline(device_bytes / GIB, color=FULL_COLOR, linestyle="--", label=f"device memory ({device_bytes / GIB:.0f} GiB)")
     ax.set_ylabel("estimated peak memory of a training step (GiB)")
     ax.set_title(f"{title}: estimated peak by component")
     ax.legend(fontsize=8)

@@ -13,6 +13,7 @@ import pandas as pd
 from analysis import deploy, diagnostics, plots
 from analysis.load import load_records
 from analysis.tables import aggregate, compare_ranks, formatted, recommend, run_flags, tuned
+from lora_sweep.estimate import GIB
 
 
 def _slug(*parts) -> str:
@@ -194,9 +195,9 @@ def _at_your_scale(df: pd.DataFrame, ranks: pd.DataFrame, recommendation: pd.Dat
     e = settings[0].estimate
     device = e.device_bytes
     table = pd.DataFrame([{
-        "method": x.label, "trainable": f"{x.trainable:,}", **{k: f"{v / 2**30:.2f}" for k, v in x.components().items()},
-        "peak GiB": f"{x.peak / 2**30:.2f}", "peak at": x.peak_at, "step s": f"{x.seconds:.3f}",
-        f"fits {device / 2**30:.0f} GiB": "yes" if x.fits(device) else f"no: needs {x.peak / 2**30:.1f} GiB"} for x in (chosen, full)])
+        "method": x.label, "trainable": f"{x.trainable:,}", **{k: f"{v / GIB:.2f}" for k, v in x.components().items()},
+        "peak GiB": f"{x.peak / GIB:.2f}", "peak at": x.peak_at, "step s": f"{x.seconds:.3f}",
+        f"fits {device / GIB:.0f} GiB": "yes" if x.fits(device) else f"no: needs {x.peak / GIB:.1f} GiB"} for x in (chosen, full)])
     figure = plots.estimated_memory_vs_rank([s.method.r for s in settings], per_rank, full, device, target, plots_dir, _slug("estimate", target))
     lines += [f"Estimated, not measured (lora_sweep.estimate; its error against measurements is in docs/memory_model.md): one "
               f"training step of {target} on this sweep's task and budget (batch {int(first['batch_size'])}, every example at "

@@ -252,7 +252,7 @@ def estimate(settings: Settings, method: MethodSettings) -> Estimate:
     """Peak memory by component and step time of one optimizer step of `method` under `settings`."""
     est: EstimateSettings = settings.estimate
     precision = PRECISIONS[est.resolved_precision]
-    batch, seq = est.batch_size or settings.train.batch_size, est.seq_len or settings.train.max_seq_len
+    batch, seq = est.tokens(settings.train)
     model = build(settings, method, precision)
     full = method.name == "full"
     params = list(model.parameters())

@@ -59,7 +59,7 @@ def jobs(argv: list[str]) -> list[Settings]:
 
 def describe(s: Settings) -> str:
     e = s.estimate
-    batch, seq = e.batch_size or s.train.batch_size, e.seq_len or s.train.max_seq_len
+    batch, seq = e.tokens(s.train)
     return (f"{s.model.name} · {s.task.family} · batch {batch} x {seq} tokens"
             + (f" x {s.train.grad_accum} accumulated" if s.train.grad_accum > 1 else "")
             + f" · {e.resolved_precision} · {e.optimizer}" + (" · gradient checkpointing" if e.gradient_checkpointing else "")

@@ -214,6 +214,10 @@ class EstimateSettings:
     def device_bytes(self) -> int:
         return parse_bytes(self.device_memory)
 
+    def tokens(self, train: TrainSettings) -> tuple[int, int]:
+        """(batch size, sequence length) estimated: these settings' where given, else the training run's."""
+        return self.batch_size or train.batch_size, self.seq_len or train.max_seq_len
+
     @property
     def resolved_precision(self) -> str:
         if self.precision != "auto":
