@@ -22,7 +22,7 @@ from torch import nn
 
 from lora_sweep import adapters
 from lora_sweep.errors import UserError
-from lora_sweep.flops import FlopModel, flop_model
+from lora_sweep.flops import LAYERS, FlopModel, flop_model
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import CONF_DIR, EstimateSettings, MethodSettings, Settings
 
@@ -293,13 +293,13 @@ def adamw_scratch(trainable: list[nn.Parameter], device: str) -> int:
 
 def step_flops(model: nn.Module, s: Shape, checkpointing: bool) -> float:
     """Training FLOPs of one micro-batch (lora_sweep.flops, read off a forward pass on the meta device); gradient
-    checkpointing adds one more forward of the layers."""
+    checkpointing adds one more forward of the layers (not of the LM head, which runs after the last checkpoint)."""
     ids = torch.zeros(s.batch, s.seq, dtype=torch.long, device="meta")
     batch = {"input_ids": ids, "labels": ids if s.causal_lm else torch.zeros(s.batch, dtype=torch.long, device="meta")}
     counted: FlopModel = flop_model(model, batch)
     flops = counted.batch([s.seq] * s.batch, padded=True)
     if checkpointing:
-        per_token = sum(fwd for kind, (_, fwd, _) in counted.groups.items() if kind != "task head")
+        per_token = sum(fwd for kind, (_, fwd, _) in counted.groups.items() if kind in LAYERS)
         flops += s.tokens * (per_token + counted.attention_fwd * s.seq)
     return flops
 

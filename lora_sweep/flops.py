@@ -26,6 +26,8 @@ class FlopModel:
 
     token_train: float  # linear layers applied to every token (encoder, adapter)
     example_train: float  # linear layers applied once per example (pooler, classifier on [CLS])
+    token_fwd: float  # the same, forward only (evaluation)
+    example_fwd: float
     attention_fwd: float  # per token and per attended position: 2 x 2 x hidden x layers
     attention_train: float
     groups: dict[str, tuple[int, float, float]]  # kind of linear -> (weights per token or example, fwd, train FLOPs)
@@ -36,10 +38,17 @@ class FlopModel:
             lengths = [max(lengths)] * len(lengths)
         return sum(n * (self.token_train + self.attention_train * n) + self.example_train for n in lengths)
 
+    def forward(self, lengths: list[int]) -> float:
+        """Forward FLOPs of examples at their own lengths (evaluation without padding)."""
+        return sum(n * (self.token_fwd + self.attention_fwd * n) + self.example_fwd for n in lengths)
+
     def plan(self, plan: batching.Plan, all_lengths: list[int]) -> tuple[float, float]:
         """(useful, computed) training FLOPs of a whole plan."""
         per_batch = [[all_lengths[i] for i in b] for b in plan.batches]
         return sum(self.batch(b, False) for b in per_batch), sum(self.batch(b, True) for b in per_batch)
+
+
+LAYERS = ("layer linears", "LoRA adapter")  # what the model's layers compute (gradient checkpointing recomputes these)
 
 
 def _kind(name: str) -> str:
@@ -47,7 +56,9 @@ def _kind(name: str) -> str:
         return "LoRA adapter"
     if "pooler" in name or "classifier" in name:
         return "task head"
-    return "encoder linears"
+    if name.endswith("lm_head"):
+        return "LM head"
+    return "layer linears"
 
 
 def flop_model(model: nn.Module, batch: dict) -> FlopModel:
@@ -82,5 +93,6 @@ def flop_model(model: nn.Module, batch: dict) -> FlopModel:
     attention = 2 * 2 * config.hidden_size * config.num_hidden_layers
     return FlopModel(
         token_train=sum(2 * w * k for _, w, t, k in seen if t), example_train=sum(2 * w * k for _, w, t, k in seen if not t),
+        token_fwd=sum(2 * w for _, w, t, _ in seen if t), example_fwd=sum(2 * w for _, w, t, _ in seen if not t),
         attention_fwd=attention, attention_train=3 * attention,
         groups={k: (int(v[0]), v[1], v[2]) for k, v in groups.items()})

@@ -152,3 +152,15 @@ def test_shipped_architectures_match_their_published_sizes():
         model = estimate.build(s, s.baseline, estimate.PRECISIONS["bf16"])
         assert sum(p.numel() for p in model.parameters()) == size, name
     assert json.loads(open(estimate.architecture_source(s)).read())["num_key_value_heads"] == 4  # Qwen2.5-7B
+
+
+def test_gradient_checkpointing_adds_one_forward_of_the_layers_and_not_of_the_lm_head(llama_config_only):
+    base = ("task=instruct/alpaca", *ON_CPU, f"model.name_or_path={llama_config_only}", "train.batch_size=2", "train.max_seq_len=16")
+    plain, checkpointed = (estimate.estimate(s, s.baseline) for s in (
+        _settings(*base), _settings(*base, "estimate.gradient_checkpointing=true")))
+    c = TINY_LLAMA
+    h, kv, i = c["hidden_size"], c["hidden_size"] * c["num_key_value_heads"] // c["num_attention_heads"], c["intermediate_size"]
+    layer_weights = h * h + 2 * h * kv + h * h + 3 * h * i  # q, k, v, o, gate, up, down
+    tokens, seq = 2 * 16, 16
+    recompute = tokens * c["num_hidden_layers"] * (2 * layer_weights + 2 * 2 * h * seq)  # linears + QK^T and AV
+    assert checkpointed.flops - plain.flops == recompute  # lm_head (2000 x 64 per token) is not recomputed
