@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 import platform
+import statistics
 import time
 from typing import Any, Callable
 
@@ -83,12 +85,31 @@ def build_model(bench: Bench, method: MethodSettings) -> torch.nn.Module:
     return model
 
 
-def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, memory_probe: bool = False) -> TrainResult:
-    """One training run through the harness's `fit` on a fresh model; `result.seconds` times the steps only."""
-    model = build_model(bench, method)
+def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, memory_probe: bool = False,
+                model: torch.nn.Module | None = None) -> TrainResult:
+    """One training run through the harness's `fit` on `model` (default: a fresh one); `result.seconds` times the steps only."""
+    model = model or build_model(bench, method)
     train = dataclasses.replace(bench.train, memory_probe=memory_probe)
     gc.collect()
     return fit(distributed.make_accelerator(bench.device, "none"), model, bench.train_set, bench.collate, schedule, method, train)
+
+
+def matmul_gflops(m: int, k: int, n: int, device: str, dtype: torch.dtype, calls: int = 5) -> float:
+    """Median GFLOP/s of `calls` timed (after warm-up) [m x k] @ [k x n] products (each timing long enough to measure: >= 50 ms)."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+
+    def timed(reps: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    reps = max(1, math.ceil(0.05 / max(timed(1), 1e-6)))
+    return statistics.median(2 * m * k * n * reps / timed(reps) / 1e9 for _ in range(calls))
 
 
 def synchronize(device: str) -> None:

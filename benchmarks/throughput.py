@@ -47,7 +47,6 @@ what the model's shapes allow. On a busy machine torch's threads slow down many-
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -61,7 +60,6 @@ from lora_sweep import batching, timing
 from lora_sweep.flops import FlopModel, flop_model
 
 MATMUL_N = 2048
-MATMUL_CALLS = 5  # timed calls per repeat (after warm-up); the repeat's figure is their median
 LINEAR_OPS = ("mm", "addmm")  # what nn.Linear runs as, forward and backward; any other counted op is attention
 
 
@@ -75,24 +73,6 @@ def counted_flops(model: nn.Module, batch: dict, device: str) -> tuple[float, fl
     ops = counter.get_flop_counts()["Global"]
     linear = sum(v for op, v in ops.items() if str(op).split(".")[-1] in LINEAR_OPS)
     return float(linear), float(sum(ops.values()) - linear)
-
-
-def matmul_gflops(m: int, k: int, n: int, device: str, dtype: torch.dtype, calls: int = MATMUL_CALLS) -> float:
-    """Median GFLOP/s of `calls` timed [m x k] @ [k x n] products (each timing long enough to measure: >= 50 ms)."""
-    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    out = torch.empty(m, n, device=device, dtype=dtype)
-
-    def timed(reps: int) -> float:
-        common.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.matmul(a, b, out=out)
-        common.synchronize(device)
-        return time.perf_counter() - start
-
-    timed(2)  # warm-up
-    reps = max(1, math.ceil(0.05 / max(timed(1), 1e-6)))
-    return statistics.median(2 * m * k * n * reps / timed(reps) / 1e9 for _ in range(calls))
 
 
 def main() -> None:
@@ -146,8 +126,8 @@ def main() -> None:
     hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
 
     def matmul() -> dict[str, float]:
-        return {"gflops": matmul_gflops(MATMUL_N, MATMUL_N, MATMUL_N, bench.device, dtype),
-                "gflops_ffn": matmul_gflops(ffn_rows, hidden, inter, bench.device, dtype)}
+        return {"gflops": common.matmul_gflops(MATMUL_N, MATMUL_N, MATMUL_N, bench.device, dtype),
+                "gflops_ffn": common.matmul_gflops(ffn_rows, hidden, inter, bench.device, dtype)}
 
     def training(name: str, plan_name: str):
         def run(plan: batching.Plan | None = None) -> dict[str, float]:
