@@ -139,7 +139,7 @@ class TrainSettings:
     seed: int = 0
     threads: int = 0  # torch threads; 0 = leave torch's default
     device: str = "auto"  # auto (CUDA with bf16 if present, else CPU fp32) | cpu | cuda
-    eval_batch_size: int = 128
+    eval_batch_size: int = 32  # examples per length-sorted evaluation batch (outputs returned in the split's order)
     log_every: int = 10  # steps between logged losses
     memory_probe: bool = True  # measure one optimizer step's peak tensor memory and its split
     save_adapter: bool = True  # save the adapter (or full model) and record its size on disk
