@@ -67,8 +67,9 @@ def _describe(record: dict[str, Any]) -> dict[str, Any]:
             else ",".join(record["targets"]), "rank_pattern": bool(record.get("rank_pattern")), "seed": record["seed"]}
 
 
-def measure(run_records: list[dict[str, Any]], records_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """The three cached tables, measured from the runs' artifacts (every run given has one on disk)."""
+def measure(run_records: list[dict[str, Any]], records_dir: Path, paired: set[str]) -> dict[str, pd.DataFrame]:
+    """The three cached tables, measured from the runs' artifacts (every run given has one on disk); φ pairs runs of
+    the configurations in `paired` only."""
     ranks, spectra, directions = [], [], {}
     for record in run_records:
         deltas, weights, a_matrices = updates(record, records_dir)
@@ -88,15 +89,18 @@ def measure(run_records: list[dict[str, Any]], records_dir: Path) -> tuple[dict[
             if lora:
                 directions[(record["run_id"], name)] = diagnostics.right_directions(a_matrices[name], min(r, SPECTRUM_TOP))
     tables = {"update_ranks": pd.DataFrame(ranks), "update_spectra": pd.DataFrame(spectra),
-              "phi": _phi(pd.DataFrame(ranks), directions)}
+              "phi": _phi(pd.DataFrame(ranks), directions, paired)}
     return tables
 
 
-def _phi(ranks: pd.DataFrame, directions: dict) -> pd.DataFrame:
-    """φ(i, j) averaged over layers and pairs: a low rank against the highest (same seed), and seeds of the highest."""
+def _phi(ranks: pd.DataFrame, directions: dict, paired: set[str]) -> pd.DataFrame:
+    """φ(i, j) averaged over layers, then over run pairs (a low rank against the highest at the same seed, and seeds of
+    the highest), with the lowest and highest pair's value beside it: the spread a handful of seeds gives. Only runs of
+    `paired` configurations are paired, so that each rank is the configuration chosen on the tuning split (runs at
+    another learning rate are not mixed in)."""
     if ranks.empty or not directions:
-        return pd.DataFrame(columns=["comparison", "matrix", "i", "j", "phi"])
-    lora = ranks[(ranks["method"] == "lora") & ~ranks["rank_pattern"]]
+        return pd.DataFrame(columns=["comparison", "matrix", "i", "j", "phi", "phi_low", "phi_high", "pairs", "layers", "d"])
+    lora = ranks[(ranks["method"] == "lora") & ~ranks["rank_pattern"] & ranks["config_id"].isin(paired)]
     rows = []
     for _, group in lora.groupby(["context_id", "targets"]):
         present = sorted(group["r"].unique())
@@ -109,23 +113,27 @@ def _phi(ranks: pd.DataFrame, directions: dict) -> pd.DataFrame:
                  f"r={high}: seed vs seed": list(itertools.combinations(sorted(runs.index[runs["r"] == high]), 2))}
         for label, run_pairs in pairs.items():
             for matrix, modules in group.groupby("matrix"):
-                grids = [diagnostics.phi_grid(directions[(a, m)], directions[(b, m)]) for a, b in run_pairs for m in modules["module"].unique()
-                         if (a, m) in directions and (b, m) in directions]
-                if not grids:
+                names = modules["module"].unique()
+                per_pair = [np.mean([diagnostics.phi_grid(directions[(a, m)], directions[(b, m)]) for m in names], axis=0)
+                            for a, b in run_pairs if all((a, m) in directions and (b, m) in directions for m in names)]
+                if not per_pair:
                     continue
-                grid = np.mean(grids, axis=0)
+                stacked = np.stack(per_pair)
                 if "seed vs seed" in label:
-                    grid = grid[:PHI_SEEDS_MAX, :PHI_SEEDS_MAX]
+                    stacked = stacked[:, :PHI_SEEDS_MAX, :PHI_SEEDS_MAX]
+                grid, low_grid, high_grid = stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0)
                 rows += [{"comparison": label, "matrix": matrix, "i": i + 1, "j": j + 1, "phi": float(f"{grid[i, j]:.4g}"),
-                          "pairs": len(grids), "d": int(directions[run_pairs[0][0], modules["module"].iloc[0]].shape[0])}
+                          "phi_low": float(f"{low_grid[i, j]:.4g}"), "phi_high": float(f"{high_grid[i, j]:.4g}"),
+                          "pairs": len(per_pair), "layers": len(names), "d": int(directions[run_pairs[0][0], names[0]].shape[0])}
                          for i in range(grid.shape[0]) for j in range(grid.shape[1])]
     return pd.DataFrame(rows)
 
 
-def load_or_measure(df: pd.DataFrame, records_dir: Path) -> tuple[dict[str, pd.DataFrame] | None, str]:
+def load_or_measure(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path) -> tuple[dict[str, pd.DataFrame] | None, str]:
     """The tables measured from the artifacts on disk, with the rows of the other runs from the cached tables of an
     earlier analysis beside the records (all limited to these runs); None and why when there is neither. φ comes from
-    the artifacts when any is on disk (it pairs runs), else from the cache. The note says where everything came from."""
+    the artifacts when any is on disk (it pairs runs of the configurations chosen on the tuning split), else from the
+    cache. The note says where everything came from."""
     done = df[(df["status"] == "done") & df["method"].isin(["lora", "full"])]
     run_records = [records.load(records_dir / f"{rid}.json") for rid in done["run_id"]]
     have = [r for r in run_records if records.artifact_dir(r, records_dir)]
@@ -134,27 +142,28 @@ def load_or_measure(df: pd.DataFrame, records_dir: Path) -> tuple[dict[str, pd.D
                for name, kind in TABLES.items()} if all((cache / f"{name}.{kind}").is_file() for name, kind in TABLES.items()) else None)
     if not have and cached is None:
         return None, "No saved adapters or models are on disk (artifacts are not committed) and no cached tables exist: no update analyses."
-    tables = _measure_on_one_thread(have, records_dir) if have else dict(cached)
+    paired = set(tables.tuned(agg[agg["method"] == "lora"], ["context_id", "targets", "r"])["config_id"]) if len(agg) else set()
+    found = _measure_on_one_thread(have, records_dir, paired) if have else dict(cached)
     from_cache = set(done["run_id"]) - {r["run_id"] for r in have}
     reused = 0
     for name in ("update_ranks", "update_spectra"):
         if have and cached is not None:
             extra = cached[name][cached[name]["run_id"].isin(from_cache)]
             reused = extra["run_id"].nunique()
-            tables[name] = pd.concat([tables[name], extra], ignore_index=True)
-        tables[name] = tables[name][tables[name]["run_id"].isin(set(done["run_id"]))]
+            found[name] = pd.concat([found[name], extra], ignore_index=True)
+        found[name] = found[name][found[name]["run_id"].isin(set(done["run_id"]))]
     note = (f"measured from the saved artifacts of {len(have)} runs" if have else "read from the cached tables of an earlier analysis"
             + " (the saved artifacts are not on disk)")
     if reused:
         note += f"; {reused} runs' rows read from the cached tables of an earlier analysis (their artifacts are not on disk)"
-    return tables, note
+    return found, note
 
 
-def _measure_on_one_thread(run_records: list[dict[str, Any]], records_dir: Path) -> dict[str, pd.DataFrame]:
+def _measure_on_one_thread(run_records: list[dict[str, Any]], records_dir: Path, paired: set[str]) -> dict[str, pd.DataFrame]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # float64 SVDs on cores shared with other work: ~25x faster on one thread than on two (measured)
     try:
-        return measure(run_records, records_dir)
+        return measure(run_records, records_dir, paired)
     finally:
         torch.set_num_threads(threads)
 
@@ -247,7 +256,7 @@ def _rank_summary(ranks: pd.DataFrame) -> pd.DataFrame:
 def section(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path, out: Path) -> list[str]:
     """The report's section on the updates, the rank advisor, the spectrum against the rank curve, and forgetting."""
     lines = ["## Why a rank is enough: the updates, the rank advisor, forgetting", ""]
-    found, note = load_or_measure(df, records_dir)
+    found, note = load_or_measure(df, agg, records_dir)
     lines += _forgetting(df, agg, out)
     if found is None:
         return lines + [note, ""]
@@ -261,6 +270,11 @@ def section(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path, out: Path) -
     for (task, model), part in ranks.groupby(["task", "model"]):
         lines += _updates(part, spectra, curve, phi, agg[(agg["task"] == task) & (agg["model"] == model)], df, f"{task} · {model}", out)
     return lines
+
+
+def _phi_spread(row: pd.Series) -> str:
+    """' (0.22–0.31 over 3 run pairs, 6 layers each)': the spread of φ over the run pairs it averages."""
+    return f" ({row['phi_low']:.2f}–{row['phi_high']:.2f} over {int(row['pairs'])} run pairs, {int(row['layers'])} layers each)"
 
 
 def _updates(ranks, spectra, curve, phi, agg, df, title, out) -> list[str]:
@@ -286,7 +300,7 @@ def _updates(ranks, spectra, curve, phi, agg, df, title, out) -> list[str]:
     if len(part_phi):
         figure = plots.phi_heatmaps(part_phi, title, plots_dir, f"{slug}_phi")
         top = part_phi[(part_phi["i"] == 1) & (part_phi["j"] == 1)]
-        reading = "; ".join(f"{row['comparison']}, {row['matrix']}: φ(1,1) = {row['phi']:.2f} over {int(row['pairs'])} layer×pair cases "
+        reading = "; ".join(f"{row['comparison']}, {row['matrix']}: φ(1,1) = {row['phi']:.2f}{_phi_spread(row)} "
                             f"(unrelated random directions: {1 / row['d']:.3f})" for _, row in top.iterrows())
         lines += ["φ(i, j) = ‖V₁,ᵢᵀ V₂,ⱼ‖²_F / min(i, j) of the top right singular vectors of the adapters' A matrices (LoRA paper §7.2): 1 where one "
                   "subspace holds the other, max(i, j)/d for unrelated ones. " + reading + ". A top direction shared far above "

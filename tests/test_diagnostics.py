@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from analysis.diagnostics import _phi
 from lora_sweep import adapters, diagnostics
 from lora_sweep.settings import MethodSettings
 from tests.conftest import tiny_bert
@@ -94,3 +96,21 @@ def test_the_advisor_meets_the_uniform_budget_exactly_and_gives_rank_where_the_e
     pattern = advise(ranks, spectra, list(shapes), 8)
     assert pattern["l0.q"] > 8 > pattern["l1.q"]  # the module with the larger update gets the rank
     assert pattern["l0.up"] == pattern["l1.up"] == 8 and pattern["l0.down"] == 8  # equal spectra, or alone in its shape
+
+
+def test_phi_pairs_only_the_chosen_configuration_of_each_rank_and_keeps_the_spread_over_pairs():
+    d, rows, directions = 16, [], {}
+    for config, r, seeds in (("chosen_r4", 4, (0, 1, 2)), ("chosen_r8", 8, (0, 1, 2)), ("other_lr_r8", 8, (0, 1))):
+        for seed in seeds:
+            run = f"{config}_s{seed}"
+            rows.append({"run_id": run, "config_id": config, "context_id": "c", "targets": "qv", "method": "lora", "rank_pattern": False,
+                         "r": r, "seed": seed, "module": "layer.0.q", "matrix": "q"})
+            basis = _orthonormal(d, 8, seed=seed if config != "other_lr_r8" else 100 + seed)
+            directions[(run, "layer.0.q")] = basis[:, :r]  # r=4 of a seed spans the first half of that seed's r=8 basis
+    phi = _phi(pd.DataFrame(rows), directions, paired={"chosen_r4", "chosen_r8"})
+    top = phi[(phi["i"] == 1) & (phi["j"] == 1)].set_index("comparison")
+    same = top.loc["r=4 vs r=8, same seed"]
+    assert same["pairs"] == 3 and same["phi"] == pytest.approx(1.0)  # the other learning rate's runs would pull it below 1
+    seeds = top.loc["r=8: seed vs seed"]
+    assert seeds["pairs"] == 3  # 3 seeds of the chosen configuration: C(3, 2), not C(5, 2)
+    assert seeds["phi_low"] < seeds["phi"] < seeds["phi_high"]
