@@ -161,36 +161,46 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
     return report
 
 
-def _rank_to_estimate(recommendation: pd.DataFrame, ranks: pd.DataFrame) -> tuple[str, int, str]:
-    """(targets, rank, why): the recommended rank, else the rank closest to full FT."""
-    if "r" in recommendation and recommendation["r"].notna().any():
-        row = recommendation[recommendation["r"].notna()].iloc[0]
-        return row["targets"], int(row["r"]), "the recommended rank"
+def _rank_to_estimate(recommended: pd.Series, ranks: pd.DataFrame) -> tuple[int, str]:
+    """(rank, why) for one context and targets preset: the recommended rank, else the rank closest to full FT."""
+    if pd.notna(recommended.get("r")):
+        return int(recommended["r"]), "the recommended rank"
     best = ranks.loc[ranks["delta"].idxmax()] if "delta" in ranks and ranks["delta"].notna().any() else ranks.iloc[0]
-    return best["targets"], int(best["r"]), "no rank is recommended: the rank closest to full FT"
+    return int(best["r"]), "no rank is recommended: the rank closest to full FT"
 
 
 def _at_your_scale(df: pd.DataFrame, ranks: pd.DataFrame, recommendation: pd.DataFrame, target: str, out: Path,
                    plots_dir: Path) -> list[str]:
-    """The memory and time estimate (lora_sweep.estimate) of the chosen rank and of full FT on `target`, and the
-    estimated peak by component at every rank of the sweep."""
+    """For each context and targets preset of the sweep: the memory and time estimate (lora_sweep.estimate) of its
+    chosen rank and of full FT on `target`, at that context's task and budget, and the estimated peak by component at
+    every rank it swept."""
+    lines = [f"## At your scale: {target}", ""]
+    several = len(recommendation) > 1
+    for _, recommended in recommendation.iterrows():
+        part = ranks[(ranks["context_id"] == recommended["context_id"]) & (ranks["targets"] == recommended["targets"])]
+        if several:
+            lines += [f"### {recommended['task']} · {recommended['model']}, {recommended['targets']}", ""]
+        lines += _estimate_section(df[df["context_id"] == recommended["context_id"]].iloc[0], part, recommended, target, out, plots_dir)
+    return lines
+
+
+def _estimate_section(run: pd.Series, ranks: pd.DataFrame, recommended: pd.Series, target: str, out: Path, plots_dir: Path) -> list[str]:
     from lora_sweep import estimate
     from lora_sweep.errors import UserError
     from lora_sweep.settings import TARGET_PRESETS, compose
 
-    targets, rank, why = _rank_to_estimate(recommendation, ranks)
-    lines = [f"## At your scale: {target}", ""]
+    targets = recommended["targets"]
+    rank, why = _rank_to_estimate(recommended, ranks)
     if targets not in TARGET_PRESETS:
-        return lines + [f"Targets {targets!r} are module names of this sweep's model, not a preset: they cannot be carried over to {target}.", ""]
-    first = df.iloc[0]
-    budget = (f"task={first['task_family']}/{first['task']}", f"train.batch_size={int(first['batch_size'])}",
-              f"train.max_seq_len={int(first['max_seq_len'])}", f"method.targets={targets}")
+        return [f"Targets {targets!r} are module names of this sweep's model, not a preset: they cannot be carried over to {target}.", ""]
+    budget = (f"task={run['task_family']}/{run['task']}", f"train.batch_size={int(run['batch_size'])}",
+              f"train.max_seq_len={int(run['max_seq_len'])}", f"method.targets={targets}")
     try:
         settings = [compose(f"model={target}", *budget, f"method.r={r}") for r in sorted({rank, *ranks["r"].astype(int)})]
         per_rank = [estimate.estimate(s, s.method) for s in settings]
         full = estimate.estimate(settings[0], settings[0].baseline)
     except UserError as exc:
-        return lines + [f"No estimate for {target}: {exc}", ""]
+        return [f"No estimate for {target}: {exc}", ""]
     chosen = next(e for s, e in zip(settings, per_rank) if s.method.r == rank)
     e = settings[0].estimate
     device = e.device_bytes
@@ -198,15 +208,15 @@ def _at_your_scale(df: pd.DataFrame, ranks: pd.DataFrame, recommendation: pd.Dat
         "method": x.label, "trainable": f"{x.trainable:,}", **{k: f"{v / GIB:.2f}" for k, v in x.components().items()},
         "peak GiB": f"{x.peak / GIB:.2f}", "peak at": x.peak_at, "step s": f"{x.seconds:.3f}",
         f"fits {device / GIB:.0f} GiB": "yes" if x.fits(device) else f"no: needs {x.peak / GIB:.1f} GiB"} for x in (chosen, full)])
-    figure = plots.estimated_memory_vs_rank([s.method.r for s in settings], per_rank, full, device, target, plots_dir, _slug("estimate", target))
-    lines += [f"Estimated, not measured (lora_sweep.estimate; its error against measurements is in docs/memory_model.md): one "
-              f"training step of {target} on this sweep's task and budget (batch {int(first['batch_size'])}, every example at "
-              f"the {int(first['max_seq_len'])}-token maximum), {e.resolved_precision} on {e.device}, {e.optimizer}; "
-              f"r={rank} on {targets} ({why}). Memory in GiB; step time at {e.device_tflops:g} TFLOP/s x {e.utilization:g} "
-              f"utilization (`lora-estimate model={target} ...` for other settings).", "",
-              table.to_markdown(index=False, disable_numparse=True), "",
-              f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
-    return lines
+    figure = plots.estimated_memory_vs_rank([s.method.r for s in settings], per_rank, full, device, target, plots_dir,
+                                            _slug("estimate", target, run["task"], run["model"], targets))
+    return [f"Estimated, not measured (lora_sweep.estimate; its error against measurements is in docs/memory_model.md): one "
+            f"training step of {target} on this sweep's task and budget (batch {int(run['batch_size'])}, every example at "
+            f"the {int(run['max_seq_len'])}-token maximum), {e.resolved_precision} on {e.device}, {e.optimizer}; "
+            f"r={rank} on {targets} ({why}). Memory in GiB; step time at {e.device_tflops:g} TFLOP/s x {e.utilization:g} "
+            f"utilization (`lora-estimate model={target} ...` for other settings).", "",
+            table.to_markdown(index=False, disable_numparse=True), "",
+            f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
 
 
 def _what_ran(df: pd.DataFrame, agg: pd.DataFrame) -> list[str]:

@@ -8,6 +8,7 @@ the paired comparison with full fine-tuning measures.
 """
 
 import copy
+import re
 import shutil
 import subprocess
 import sys
@@ -465,6 +466,22 @@ def test_the_report_estimates_the_recommended_rank_on_a_target_model(tmp_path, t
     section = text.split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
     assert "r=4 on qv (the recommended rank)" in section
     assert "| LoRA r=4 qv " in section and "| full FT " in section
-    plot = (tmp_path / "plots" / "estimate_qwen2_5_0_5b.svg").read_text()
+    plot = (tmp_path / "plots" / "estimate_qwen2_5_0_5b_sst2_minilm_l6_qv.svg").read_text()
     assert all(part in plot for part in ("r=1", "r=4", "full FT", "device memory (80 GiB)"))
     assert "## At your scale" not in report.write(runs).read_text()  # no target model, no section
+
+
+def test_each_context_of_a_sweep_is_estimated_at_its_own_rank_and_budget(tmp_path, templates):
+    runs = tmp_path / "runs"
+    write(runs, templates, {1: [0.80, 0.801, 0.799], 4: [0.854, 0.855, 0.856]}, [0.86, 0.86, 0.86])
+    other = []
+    for template in templates:  # the same task at batch 16: another context
+        template = copy.deepcopy(template)
+        template["identity"]["config"]["train"]["batch_size"] = template["config"]["train"]["batch_size"] = 16
+        other.append(template)
+    write(runs, other, {1: [0.858, 0.86, 0.859], 4: [0.85, 0.849, 0.851]}, [0.86, 0.86, 0.86])
+    section = report.write(runs, target_model="qwen2_5_0_5b").read_text().split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
+    parts = section.split("\n### ")[1:]
+    assert len(parts) == 2
+    batch = {int(re.search(r"\(batch (\d+),", part).group(1)): part for part in parts}
+    assert "r=4 on qv (the recommended rank)" in batch[8] and "r=1 on qv (the recommended rank)" in batch[16]
