@@ -35,7 +35,6 @@ from lora_sweep import adapters, batching, data, experiment, records, timing
 from lora_sweep.distributed import make_accelerator
 from lora_sweep.errors import UserError, file_errors
 from lora_sweep.evaluation import predict
-from lora_sweep.hub import resolve_model
 from lora_sweep.settings import Settings
 
 BATCH_SIZES = (1, 32)
@@ -70,13 +69,13 @@ class Served:
 
 
 def serve(record: dict[str, Any], runs_dir: Path, cache_dir: str) -> Served:
-    s = records.run_settings(record, runs_dir, cache_dir)
-    family = experiment.family_of(s)
-    model_path = resolve_model(s.model.name_or_path, s.cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=s.model.revision)
-    tokens, _ = data.prepare(family, s, family.resolve_source(s.task), tokenizer, data.tokenizer_id(s))
-    kind = adapters.family_of(family.load_model(model_path, s, meta=True))
-    return Served(record, s, family, kind, model_path, tokens["dev"], family.collator(tokenizer), runs_dir)
+    """The run's model, data and collator as its experiment planned them (experiment.plan)."""
+    p = experiment.plan(records.run_settings(record, runs_dir, cache_dir))
+    s = p.settings
+    tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
+    tokens, _ = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
+    kind = adapters.family_of(p.family.load_model(p.model_path, s, meta=True))
+    return Served(record, s, p.family, kind, p.model_path, tokens["dev"], p.family.collator(tokenizer), runs_dir)
 
 
 def serving_config(path: Path, family: str) -> LoraConfig:
