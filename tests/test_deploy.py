@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from analysis import report
@@ -67,6 +68,21 @@ def test_embedding_and_conv_adapters_count_their_arithmetic(r):
     wrapped, adapted = adapters.apply_method(conv, lora(r=r, targets=["convolution"]), None)
     assert len(adapted) == len(CONVS)
     assert adapters.count_parameters(wrapped, 0, "lora").adapter == sum((c_in * k * k + c_out) * r for c_in, c_out, k in CONVS)
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_a_conv1d_adapter_has_the_parameters_its_width_says(r):
+    """No supported model family has a Conv1d, so PEFT's own Conv1d LoRA is checked against adapters.width directly."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(6, 10, kernel_size=5), torch.nn.ReLU(), torch.nn.Conv1d(10, 4, kernel_size=3))
+    widths = [adapters.width(m) for m in net if isinstance(m, torch.nn.Conv1d)]
+    assert widths == [6 * 5 + 10, 10 * 3 + 4]
+    wrapped = get_peft_model(net, LoraConfig(r=r, target_modules=["0", "2"], init_lora_weights=False))
+    assert sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n) == sum(widths) * r
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        before = wrapped(x)
+        assert (wrapped.merge_and_unload()(x) - before).abs().max() < 1e-5
 
 
 def saved_adapters(tmp_path, count: int) -> list:
