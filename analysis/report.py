@@ -175,8 +175,9 @@ def _at_your_scale(df: pd.DataFrame, ranks: pd.DataFrame, recommendation: pd.Dat
     chosen rank and of full FT on `target`, at that context's task and budget, and the estimated peak by component at
     every rank it swept."""
     lines = [f"## At your scale: {target}", ""]
-    several = len(recommendation) > 1
-    for _, recommended in recommendation.iterrows():
+    uniform = recommendation[~recommendation["targets"].str.contains("rank_pattern")]  # a per-layer pattern is this model's own
+    several = len(uniform) > 1
+    for _, recommended in uniform.iterrows():
         part = ranks[(ranks["context_id"] == recommended["context_id"]) & (ranks["targets"] == recommended["targets"])]
         if several:
             lines += [f"### {recommended['task']} · {recommended['model']}, {recommended['targets']}", ""]
