@@ -363,6 +363,11 @@ def _spectrum_vs_rank(ranks, curve, lora, agg) -> list[str]:
             "table) is not in ρ.", ""]
 
 
+def _with_interval(mean: float, half: float) -> str:
+    """'+0.12 ± 0.30', or '+0.12 (one seed: no interval)' where the interval is undefined."""
+    return f"{mean:+.2f} ± {half:.2f}" if np.isfinite(half) else f"{mean:+.2f} (one seed: no interval)"
+
+
 def _forgetting(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[str]:
     measured = df[df["forgetting"].notna()]
     if measured.empty:
@@ -379,10 +384,13 @@ def _forgetting(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[str]:
         full = full_rows.iloc[0] if len(full_rows) else None
         metric = runs["primary_metric"].dropna().iloc[0]
         figure = plots.learning_vs_forgetting(points, full, title, metric, out / "plots", f"{title.replace(' · ', '_').replace('/', '-')}_forgetting")
-        described = [f"r={int(r['r'])} {r['forgetting_mean']:+.2f} ± {np.nan_to_num(r['forgetting_ci95']):.2f}" for _, r in points.sort_values("r").iterrows()]
+        described = [f"r={int(r['r'])} {_with_interval(r['forgetting_mean'], r['forgetting_ci95'])}" for _, r in points.sort_values("r").iterrows()]
         if full is not None:
-            described.insert(0, f"full FT {full['forgetting_mean']:+.2f} ± {np.nan_to_num(full['forgetting_ci95']):.2f}")
+            described.insert(0, f"full FT {_with_interval(full['forgetting_mean'], full['forgetting_ci95'])}")
+        single = (part["forgetting_n"] < 2).any()
+        reading = (" With one seed there is no interval: these values cannot say which method forgot more." if single else
+                   " Where the intervals of two methods do not overlap, one forgot more than the other.")
         lines += [f"{title}: forgetting (mean ± 95 % interval over seeds; base value {runs['forgetting_before'].iloc[0]:.2f}): "
-                  + "; ".join(described) + ". Where the intervals of two methods do not overlap, one forgot more than the other.", "",
+                  + "; ".join(described) + "." + reading, "",
                   f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
     return lines

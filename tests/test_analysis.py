@@ -485,3 +485,15 @@ def test_each_context_of_a_sweep_is_estimated_at_its_own_rank_and_budget(tmp_pat
     assert len(parts) == 2
     batch = {int(re.search(r"\(batch (\d+),", part).group(1)): part for part in parts}
     assert "r=4 on qv (the recommended rank)" in batch[8] and "r=1 on qv (the recommended rank)" in batch[16]
+
+
+def test_forgetting_of_one_seed_is_reported_without_an_interval(tmp_path, templates):
+    runs = tmp_path / "runs"
+    assert templates[0]["forgetting"]["forgetting"] is not None  # the template runs measured it
+    write(runs, templates, {4: [0.85]}, [0.86])
+    line = next(x for x in report.write(runs).read_text().splitlines() if x.startswith("sst2 · minilm_l6: forgetting"))
+    assert line.count("(one seed: no interval)") == 2 and "±" not in line.split("):", 1)[1]
+    assert "cannot say which method forgot more" in line
+    write(runs, templates, {4: [0.85, 0.84]}, [0.86, 0.85])  # a second seed: intervals
+    line = next(x for x in report.write(runs).read_text().splitlines() if x.startswith("sst2 · minilm_l6: forgetting"))
+    assert "one seed" not in line and line.split("):", 1)[1].count(" ± ") == 2
