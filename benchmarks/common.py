@@ -88,7 +88,7 @@ def build_model(bench: Bench, method: MethodSettings) -> torch.nn.Module:
 def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, memory_probe: bool = False,
                 model: torch.nn.Module | None = None) -> TrainResult:
     """One training run through the harness's `fit` on `model` (default: a fresh one); `result.seconds` times the steps only."""
-    model = model or build_model(bench, method)
+    model = model if model is not None else build_model(bench, method)
     train = dataclasses.replace(bench.train, memory_probe=memory_probe)
     gc.collect()
     return fit(distributed.make_accelerator(bench.device, "none"), model, bench.train_set, bench.collate, schedule, method, train)
