@@ -295,6 +295,9 @@ def _save(accelerator, model: torch.nn.Module, p: Plan) -> dict[str, Any] | None
     unwrapped = accelerator.unwrap_model(model)
     for config in getattr(unwrapped, "peft_config", {}).values():  # the model as configured, not this machine's folder
         config.base_model_name_or_path = p.settings.model.name_or_path
-    unwrapped.save_pretrained(folder, state_dict=state)
+    # The vocabulary is never resized here, so the base embeddings never need saving; saying so spares PEFT's check of
+    # the base model's config on the hub (a `package:` name is no hub id: it warned, and online it would ask the hub).
+    extra = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
+    unwrapped.save_pretrained(folder, state_dict=state, **extra)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
     return {"path": records.portable(folder, p.settings.results_dir), "bytes": size}
