@@ -469,6 +469,13 @@ def test_the_report_estimates_the_recommended_rank_on_a_target_model(tmp_path, t
     plot = (tmp_path / "plots" / "estimate_qwen2_5_0_5b_sst2_minilm_l6_qv.svg").read_text()
     assert all(part in plot for part in ("r=1", "r=4", "full FT", "device memory (80 GiB)"))
     assert "## At your scale" not in report.write(runs).read_text()  # no target model, no section
+    lora_t = copy.deepcopy(templates[0])  # a per-layer rank pattern beside the uniform ranks: the swept model's own
+    pattern = {"bert.encoder.layer.0.attention.self.query": 6}
+    lora_t["identity"]["config"]["method"]["rank_pattern"] = pattern
+    for seed, value in enumerate([0.85, 0.851, 0.852]):
+        records.write_record(runs, variant(lora_t, seed, value, r=4, rank_pattern=pattern, rank_pattern_source="advised"))
+    section = report.write(runs, target_model="qwen2_5_0_5b").read_text().split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
+    assert "rank_pattern" not in section and "### " not in section and "r=4 on qv (the recommended rank)" in section
 
 
 def test_each_context_of_a_sweep_is_estimated_at_its_own_rank_and_budget(tmp_path, templates):
