@@ -25,6 +25,7 @@ from lora_sweep.settings import MethodSettings, Settings, TrainSettings, compose
 from lora_sweep.train import TrainResult, fit
 
 WARMUP_STEPS = 3  # steps of the untimed run each variant makes before anything is timed
+MATMUL_N = 2048  # the dense matmul whose throughput is the machine's peak: MATMUL_N x MATMUL_N x MATMUL_N
 
 
 @dataclasses.dataclass
@@ -34,6 +35,7 @@ class Bench:
     settings: Settings
     plan: experiment.Plan
     tokenizer: Any
+    tokens: Any  # datasets.DatasetDict of the tokenized train / tune / dev splits (data.prepare)
     train_set: Any  # datasets.Dataset of input_ids, attention_mask, token_type_ids, label (no id), as fit sees it
     lengths: list[int]  # tokens per training example
     collate: Callable
@@ -71,10 +73,10 @@ def setup(steps: int, threads: int, overrides: list[str] = ()) -> Bench:
     torch.set_num_threads(n_threads)
     s = settings
     tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
-    tokens, _ = data.prepare(p.family, s, p.source, tokenizer, f"{s.model.name_or_path}@{s.model.revision}")
+    tokens, _ = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
     train_set = tokens["train"].remove_columns("id")
     lengths = [len(ids) for ids in train_set["input_ids"]]
-    return Bench(s, p, tokenizer, train_set, lengths, p.family.collator(tokenizer), n_threads)
+    return Bench(s, p, tokenizer, tokens, train_set, lengths, p.family.collator(tokenizer), n_threads)
 
 
 def build_model(bench: Bench, method: MethodSettings) -> torch.nn.Module:
@@ -94,7 +96,7 @@ def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, m
     return fit(distributed.make_accelerator(bench.device, "none"), model, bench.train_set, bench.collate, schedule, method, train)
 
 
-def matmul_gflops(m: int, k: int, n: int, device: str, dtype: torch.dtype, calls: int = 5) -> float:
+def matmul_gflops(device: str, dtype: torch.dtype, m: int = MATMUL_N, k: int = MATMUL_N, n: int = MATMUL_N, calls: int = 5) -> float:
     """Median GFLOP/s of `calls` timed (after warm-up) [m x k] @ [k x n] products (each timing long enough to measure: >= 50 ms)."""
     a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
     out = torch.empty(m, n, device=device, dtype=dtype)

@@ -31,7 +31,6 @@ import torch
 
 import common
 from lora_sweep import batching, distributed, evaluation, timing
-from lora_sweep.data import prepare
 from lora_sweep.flops import flop_model
 
 
@@ -45,8 +44,7 @@ def main() -> None:
     bench = common.setup(args.steps, args.threads, args.overrides)
     common.header("evaluation's share of a run", bench, args)
     s, p = bench.settings, bench.plan
-    tokens, _ = prepare(p.family, s, p.source, bench.tokenizer, f"{s.model.name_or_path}@{s.model.revision}")
-    splits = {"tune": tokens["tune"], "dev": tokens["dev"]}
+    splits = {"tune": bench.tokens["tune"], "dev": bench.tokens["dev"]}
     accelerator = distributed.make_accelerator(bench.device, "none")
 
     start = time.perf_counter()
@@ -74,7 +72,7 @@ def main() -> None:
     real = sum(reference[n]["tokens"]["real_tokens"] for n in splits)
     example = batching.load_batch(splits["dev"], list(range(8)), bench.collate, bench.device)
     useful = flop_model(model, example).forward([len(x) for n in splits for x in splits[n]["input_ids"]])
-    peak = common.matmul_gflops(2048, 2048, 2048, bench.device, next(model.parameters()).dtype)
+    peak = common.matmul_gflops(bench.device, next(model.parameters()).dtype)
     floor = useful / peak / 1e9  # every real token's forward matrix products at the matmul peak, nothing else
     print(f"  evaluated: {real} real tokens (tune {reference['tune']['tokens']['real_tokens']}, dev {reference['dev']['tokens']['real_tokens']}) "
           f"against {trained.real_tokens} trained")
@@ -94,7 +92,7 @@ def main() -> None:
     print(f"  floor: {useful / 1e9:.0f} GFLOP of forward matrix products on real tokens at the {peak:.0f} GFLOP/s matmul peak = "
           f"{floor:.1f} s, a share of {100 * floor / (floor + trained.seconds):.1f} % against this training")
     if bench.device == "cpu":  # what another number format would offer (evaluating another model than the trained one)
-        bf16 = common.matmul_gflops(2048, 2048, 2048, "cpu", torch.bfloat16)
+        bf16 = common.matmul_gflops("cpu", torch.bfloat16)
         print(f"  for reference: the same matmul in bf16 runs at {bf16:.0f} GFLOP/s ({bf16 / peak:.2f}x)")
 
 

@@ -59,7 +59,6 @@ import common
 from lora_sweep import batching, timing
 from lora_sweep.flops import FlopModel, flop_model
 
-MATMUL_N = 2048
 LINEAR_OPS = ("mm", "addmm")  # what nn.Linear runs as, forward and backward; any other counted op is attention
 
 
@@ -126,8 +125,8 @@ def main() -> None:
     hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
 
     def matmul() -> dict[str, float]:
-        return {"gflops": common.matmul_gflops(MATMUL_N, MATMUL_N, MATMUL_N, bench.device, dtype),
-                "gflops_ffn": common.matmul_gflops(ffn_rows, hidden, inter, bench.device, dtype)}
+        return {"gflops": common.matmul_gflops(bench.device, dtype),
+                "gflops_ffn": common.matmul_gflops(bench.device, dtype, ffn_rows, hidden, inter)}
 
     def training(name: str, plan_name: str):
         def run(plan: batching.Plan | None = None) -> dict[str, float]:
@@ -156,7 +155,7 @@ def main() -> None:
 
     def show(r: dict[str, float]) -> str:
         if "gflops_ffn" in r:
-            return f"{r['gflops']:7.1f} GFLOP/s ({MATMUL_N}^3), {r['gflops_ffn']:7.1f} GFLOP/s (FFN shape)"
+            return f"{r['gflops']:7.1f} GFLOP/s ({common.MATMUL_N}^3), {r['gflops_ffn']:7.1f} GFLOP/s (FFN shape)"
         return f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s  {r['gflops_useful']:6.1f} useful GFLOP/s"
 
     runs = timing.interleaved(variants, args.repeats, show)
@@ -165,7 +164,7 @@ def main() -> None:
     print(f"\nresults ({args.steps} steps of {bench.train.batch_size} per run, medians over {args.repeats} repeats; "
           f"wall time {common.elapsed(start)}):")
     mm = [r["gflops"] for r in runs["matmul"]]
-    print(f"(a) dense {dtype_name} matmul {MATMUL_N}x{MATMUL_N}x{MATMUL_N}, {bench.threads} threads, GFLOP/s: {timing.spread(mm, '.1f')}")
+    print(f"(a) dense {dtype_name} matmul {common.MATMUL_N}x{common.MATMUL_N}x{common.MATMUL_N}, {bench.threads} threads, GFLOP/s: {timing.spread(mm, '.1f')}")
     print(f"    FFN-shaped matmul [{ffn_rows} x {hidden}] @ [{hidden} x {inter}] (the median grouped batch's computed tokens), "
           f"GFLOP/s: {timing.spread([r['gflops_ffn'] for r in runs['matmul']], '.1f')}")
     print(f"(b) training, {bench.settings.task.name} on {bench.settings.model.name}; GFLOP/s and '/(a)' per repeat against that repeat's matmul")
