@@ -15,6 +15,15 @@ from lora_sweep.metrics import metric_info
 from lora_sweep.records import SCHEMA_VERSION
 
 MIB = 2**20
+IN_MEMORY_ONLY = ["examples", "tune_curve"]  # per-example outputs: for the paired tests, not for export
+
+
+def _tune_curve(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The tuning split's learning curve with what pairs it example by example: its labels and ids."""
+    tune = (record.get("examples") or {}).get("tune") or {}
+    if not record.get("tune_curve"):
+        return None
+    return {"ids": tune.get("ids"), "labels": tune.get("labels"), "points": record["tune_curve"]}
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +63,8 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "max_steps": train.get("max_steps"),
         "batch_size": train.get("batch_size"),
         "max_seq_len": train.get("max_seq_len"),
+        "batching": train.get("batching") or ("grouped" if train.get("group_by_length") else "random"),  # schema 2 named it group_by_length
+        "micro_batches": record.get("micro_batches"),
         "primary_metric": record.get("primary_metric"),
         "primary_value": record.get("primary_value"),
         "tune_value": record.get("tune_value"),
@@ -80,7 +91,9 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "versions": json.dumps(environment.get("packages") or {}, sort_keys=True),
         "git_commit": environment.get("git_commit"),
         "grad_after_backward_mib": memory["grad_bytes_after_backward"] / MIB if memory.get("grad_bytes_after_backward") else None,
-        "examples": (record.get("examples") or {}).get("dev"),  # per-example outputs: for the paired tests, not for export
+        "examples": (record.get("examples") or {}).get("dev"),
+        "tune_curve": _tune_curve(record),
+        "curve_eval_s": times.get("curve_eval_s"),
         "finished_at": record.get("finished_at"),
         "forgetting": forgetting.get("forgetting"),  # lora_sweep.forgetting: positive = worse after training
         "forgetting_probe": forgetting.get("probe"),

@@ -183,6 +183,35 @@ def loss_curves(runs: pd.DataFrame, title, folder, name) -> Path:
     return save(fig, folder, name)
 
 
+def learning_curves(gaps: pd.DataFrame, margin: float, title: str, metric: str, folder: Path, name: str) -> Path:
+    """Left: the tuning metric against optimizer steps per rank, full FT in black. Right: the paired LoRA − full FT
+    difference on the tuning split with its 95 % interval at each checkpoint, and the margin (analysis/curves.py)."""
+    _, label = view(metric)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ranks = sorted(gaps["r"].unique())
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(ranks)))
+    offset = 0.006 * gaps["step"].max()
+    for k, (r, color) in enumerate(zip(ranks, colors)):
+        g = gaps[gaps["r"] == r].sort_values("step")
+        left.plot(g["step"], g["lora"], marker="o", color=color, label=f"LoRA r={r}")
+        shift = g["step"] + (k - len(ranks) / 2) * offset  # side by side, so the intervals can be read
+        right.errorbar(shift, g["delta"], yerr=[g["delta"] - g["delta_low"], g["delta_high"] - g["delta"]], marker="o",
+                       color=color, capsize=2, label=f"r={r}")
+    full = gaps.drop_duplicates("step").sort_values("step")
+    left.plot(full["step"], full["full"], color=FULL_COLOR, lw=2, marker="s", label="full FT")
+    right.axhline(0, color=FULL_COLOR, lw=1)
+    right.axhline(-margin, color="red", ls="--", lw=1, label=f"−margin ({margin:g})")
+    left.set_ylabel(f"tuning split: {label}")
+    right.set_ylabel(f"LoRA − full FT on the tuning split ({gaps['unit'].iloc[0]})")
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    left.set_title(f"{title}: learning curves (mean over seeds)")
+    right.set_title("paired gap to full FT, 95 % intervals")
+    return save(fig, folder, name)
+
+
 def metric_vs_lr(agg: pd.DataFrame, title, metric, folder, name) -> Path:
     scale, label = view(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))

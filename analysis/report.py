@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import deploy, diagnostics, plots
-from analysis.load import load_records
+from analysis import curves, deploy, diagnostics, plots
+from analysis.load import IN_MEMORY_ONLY, load_records
 from analysis.tables import aggregate, compare_ranks, formatted, recommend, run_flags, tuned
 from lora_sweep.estimate import GIB
 
@@ -93,8 +93,8 @@ def _publish(stage: Path, dest: Path) -> None:
 
 def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | None, records_dir: Path,
            target_model: str | None = None) -> Path:
-    df.drop(columns="examples").to_parquet(out / "runs.parquet", index=False)
-    df.drop(columns="examples").to_csv(out / "runs.csv", index=False)
+    df.drop(columns=IN_MEMORY_ONLY).to_parquet(out / "runs.parquet", index=False)
+    df.drop(columns=IN_MEMORY_ONLY).to_csv(out / "runs.csv", index=False)
     agg = aggregate(df)
     ranks = compare_ranks(df, agg, tolerance) if (agg["method"] == "lora").any() else pd.DataFrame()
     recommendation = recommend(ranks) if len(ranks) else pd.DataFrame()
@@ -144,6 +144,7 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
             if task_agg.groupby("method")["lr"].nunique().max() > 1:
                 figures.append(plots.metric_vs_lr(task_agg, title, metric, plots_dir, f"{slug}_metric_vs_lr"))
             lines += [f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in figures] + [""]
+            lines += _learning_curves(runs, task_ranks, title, metric, slug, tables_dir, plots_dir, out)
             panels.append((title, points, full, metric))
         else:
             lines += ["No LoRA run of this task finished.", ""]
@@ -159,6 +160,45 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _learning_curves(runs: pd.DataFrame, ranks: pd.DataFrame, title: str, metric: str, slug: str, tables_dir: Path,
+                     plots_dir: Path, out: Path) -> list[str]:
+    """The learning-curve section of one task and model: the gap to full FT at each checkpoint, its trend, and
+    whether the tuning metric was still rising at the end (analysis/curves.py)."""
+    gaps = curves.gaps(runs, ranks)
+    if gaps.empty:
+        return []
+    lines = ["### Learning curves (tuning split)", "",
+             "The paired LoRA − full FT difference on the tuning split at each checkpoint of the budget (95 % interval over "
+             "seeds and examples; with one seed, over examples only), and the tuning metric's change from the last "
+             "checkpoint to the end (\"rising\": its interval is above 0). A diagnostic: the verdict above is the eval split's.", ""]
+    for k, ((context, targets), group) in enumerate(gaps.groupby(["context_id", "targets"], sort=True)):
+        chosen = ranks[(ranks["context_id"] == context) & (ranks["targets"] == targets)].set_index("r")
+        shown = pd.DataFrame({"rank": [f"r={r}" for r in sorted(group["r"].unique())], "seeds": group.groupby("r")["seeds"].max().tolist()})
+        for fraction, at in group.groupby("fraction", sort=True):
+            at = at.set_index("r")
+            shown[f"Δ at {100 * fraction:.0f} %"] = [f"{at.loc[r, 'delta']:+.2f} [{at.loc[r, 'delta_low']:+.2f}, {at.loc[r, 'delta_high']:+.2f}]"
+                                                     if r in at.index else "–" for r in sorted(group["r"].unique())]
+        late = [curves.still_improving(runs, chosen.loc[r, "config_id"], metric) for r in sorted(group["r"].unique())]
+        shown["tuning change, last stretch"] = [f"{x['change']:+.2f} [{x['low']:+.2f}, {x['high']:+.2f}]" + (" rising" if x["improving"] else "")
+                                                if x else "–" for x in late]
+        name = f"{slug}_{targets}_learning_curve{f'_{k}' if k else ''}".replace(",", "-")
+        shown.to_csv(tables_dir / f"{name}.csv", index=False)
+        lines += [f"Targets {targets}:", "", shown.to_markdown(index=False, disable_numparse=True), ""]
+        full_late = curves.still_improving(runs, chosen["full_config_id"].iloc[0], metric)
+        if full_late:
+            lines += [f"Full FT's tuning change over the last stretch: {full_late['change']:+.2f} [{full_late['low']:+.2f}, "
+                      f"{full_late['high']:+.2f}]" + (" (still rising)." if full_late["improving"] else "."), ""]
+        moved = curves.trend(group)
+        if moved:
+            lines += [f"**The gap to full FT was {moved['word']}** from step {moved['from_step']} to step {moved['to_step']}: Δ averaged "
+                      f"over ranks went from {moved['delta_from']:+.2f} to {moved['delta_to']:+.2f}, a change of {moved['change']:+.2f} "
+                      f"[{moved['low']:+.2f}, {moved['high']:+.2f}] over {moved['seeds']} seeds"
+                      + (" (its interval contains 0)." if moved["word"] == "steady" else "."), ""]
+        figure = plots.learning_curves(group, float(chosen["margin"].iloc[0]), f"{title} · {targets}", metric, plots_dir, name)
+        lines += [f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
+    return lines
 
 
 def _rank_to_estimate(recommended: pd.Series, ranks: pd.DataFrame) -> tuple[int, str]:

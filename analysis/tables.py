@@ -21,7 +21,7 @@ from lora_sweep.metrics import metric_info
 
 # Shown beside a configuration; taken from its first run (the configuration id already says they agree).
 DESCRIBE = ["config_id", "context_id", "task", "model", "method", "targets", "scaling", "alpha_policy", "r", "lr",
-            "max_steps", "batch_size", "max_seq_len", "device", "primary_metric", "higher_is_better", "primary_scale",
+            "max_steps", "batch_size", "max_seq_len", "batching", "device", "primary_metric", "higher_is_better", "primary_scale",
             "primary_unit", "params_total"]
 MEASURES = ["primary_value", "tune_value", "params_trainable", "params_adapter", "peak_mib", "train_s", "grad_after_backward_mib", "forgetting"]
 CHANCE_MARGIN = 0.01  # a metric within one point of the best constant predictor's is flagged as chance level
@@ -110,7 +110,7 @@ def _outputs(df: pd.DataFrame, config_id: str) -> dict[int, dict]:
     return {int(r["seed"]): r["examples"] for _, r in runs.iterrows()}
 
 
-def _as_array(outputs: list) -> np.ndarray:
+def as_array(outputs: list) -> np.ndarray:
     array = np.asarray(outputs, dtype=float)
     return array[:, 0] if array.ndim == 2 and array.shape[1] == 1 else array  # a regression head's single output
 
@@ -125,7 +125,7 @@ def compare(df: pd.DataFrame, a: pd.Series, b: pd.Series) -> stats.PairedResult 
         return None
     labels = out_a[seeds[0]]["labels"]
     info = metric_info(a["primary_metric"])
-    return stats.paired_difference([_as_array(out_a[s]["outputs"]) for s in seeds], [_as_array(out_b[s]["outputs"]) for s in seeds],
+    return stats.paired_difference([as_array(out_a[s]["outputs"]) for s in seeds], [as_array(out_b[s]["outputs"]) for s in seeds],
                                    None if labels is None else np.asarray(labels), a["primary_metric"],
                                    higher_is_better=info.higher_is_better, scale=info.scale)
 
@@ -153,6 +153,7 @@ def compare_ranks(df: pd.DataFrame, agg: pd.DataFrame, margin: float | None = No
                 if result is not None:
                     verdict = stats.non_inferiority(result, eps, unit=row["primary_unit"])
                     out.update(delta=result.delta, delta_low=result.low, delta_high=result.high, paired_seeds=result.n_seeds,
+                               delta_var_seed=result.var_seed, delta_var_examples=result.var_examples,  # analysis.adaptive's looks
                                verdict=verdict.status, verdict_text=verdict.text,
                                seeds_needed=verdict.seeds_needed, examples_needed=verdict.examples_needed)
             if previous is not None:

@@ -57,10 +57,12 @@ class Bench:
         m = self.method(name)
         return "full FT" if m.name == "full" else f"LoRA r={m.r} {m.targets}"
 
-    def schedule(self, group_by_length: bool, steps: int | None = None) -> batching.Plan:
-        """The batches a real run of `steps` optimizer steps would train on (the same seed gives the same plan)."""
+    def schedule(self, mode: str | None = None, steps: int | None = None) -> batching.Plan:
+        """The batches a real run of `steps` optimizer steps would train on with `mode` (default: the composed
+        train.batching); the same seed gives the same plan."""
         t = self.train
-        return batching.train_plan(self.lengths, t.batch_size, steps or t.max_steps, t.grad_accum, t.seed, group_by_length)
+        return batching.train_plan(self.lengths, t.batch_size, steps or t.max_steps, t.grad_accum, t.seed, mode or t.batching,
+                                   t.min_micro_batch)
 
 
 def setup(steps: int, threads: int, overrides: list[str] = ()) -> Bench:

@@ -49,7 +49,7 @@ def main() -> None:
 
     start = time.perf_counter()
     model = common.build_model(bench, bench.method("lora"))
-    trained = common.run_harness(bench, bench.method("lora"), bench.schedule(group_by_length=s.train.group_by_length), model=model)
+    trained = common.run_harness(bench, bench.method("lora"), bench.schedule(), model=model)
     print(f"\ntrained {bench.label('lora')}: {trained.steps} steps in {trained.seconds:.1f} s "
           f"({trained.real_tokens} real tokens, {trained.real_tokens / trained.seconds:.0f} real tok/s)", flush=True)
 

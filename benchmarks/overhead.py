@@ -2,10 +2,11 @@
 
 What is measured. Both variants train the same model (the harness's LoRA r=8 on query/value of the embedded
 MiniLM, built by the harness's own builder from the same seed) for the same `--steps` optimizer steps on the
-same real SST-2 batches (the plan `batching.train_plan` draws for a real run: length-grouped, seed 0), with
+same real SST-2 batches (the plan `batching.train_plan` draws for a real run: train.batching, seed 0), with
 AdamW (weight decay on weight matrices only), the same linear warmup/decay schedule and the same gradient
 clipping, on the same torch threads. The bare loop is what one writes by hand: a DataLoader over the plan's
-batches, forward, backward, clip, step, schedule, zero_grad, loss.item(). The harness additionally has
+micro-batches, forward, backward of each micro-batch's loss weighted by its share of the step's examples, clip,
+step, schedule, zero_grad, loss.item(). The harness additionally has
 accelerate, the divergence guard, token counting, the loss log and the progress bar; its memory probe is off
 (`--probe` adds a third variant with it on: one probed step per run, as every real run makes by default).
 Only the steps are timed (model building, optimizer and data set-up are not, in either variant). Both
@@ -13,8 +14,7 @@ variants print their step losses' largest difference: 0 means they did exactly t
 
 How it is timed. One untimed 3-step run of each variant first (warm-up), then `--repeats` repeats of every
 variant, interleaved with the order rotated each repeat (bare, harness / harness, bare / ...), so that a drift of
-a shared machine hits both. Each repeat gives one ratio harness / bare of seconds per step. The default 50 steps
-are one mega-batch of the length-grouped sampler (50 batches sorted by length): the batch lengths of a whole run.
+a shared machine hits both. Each repeat gives one ratio harness / bare of seconds per step.
 
 How to read the output. One line per run as it finishes, then one line per variant (median s/step over repeats,
 min-max, real tokens/s), then the ratio line: the median of the per-repeat ratios, a distribution-free interval for
@@ -57,7 +57,7 @@ def bare_run(bench: common.Bench, schedule: batching.Plan) -> tuple[float, list[
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=method.lr)
-    steps = len(schedule.batches) // train.grad_accum
+    steps = len(schedule.steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(train.warmup_ratio * steps), steps)
     # Its own generator: the loader's seed draw must not consume the global RNG that dropout uses (same masks as fit).
     batches = iter(DataLoader(bench.train_set, batch_sampler=schedule.batches, collate_fn=bench.collate, generator=torch.Generator()))
@@ -66,14 +66,16 @@ def bare_run(bench: common.Bench, schedule: batching.Plan) -> tuple[float, list[
     gc.collect()
     common.synchronize(bench.device)
     start = time.perf_counter()
-    for _ in range(steps):
-        step_loss = 0.0
-        for _ in range(train.grad_accum):
+    for micros in schedule.steps:
+        step_loss, examples = 0.0, sum(map(len, micros))
+        for micro in micros:
             batch = {k: v.to(bench.device) for k, v in next(batches).items()}
             with autocast:
                 loss = model(**batch).loss
-            (loss / train.grad_accum).backward()
-            step_loss += loss.item() / train.grad_accum
+            if len(micro) != examples:
+                loss = loss * (len(micro) / examples)
+            loss.backward()
+            step_loss += loss.item()
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         optimizer.step()
@@ -93,13 +95,11 @@ def main() -> None:
     bench = common.setup(args.steps, args.threads, args.overrides)
     if bench.method("lora").name != "lora":
         parser.error("overhead.py times a LoRA run: leave method=lora")
-    if args.probe and bench.train.grad_accum > 1:  # torch's MemTracker refuses a second forward within the probed step
-        parser.error("--probe with train.grad_accum > 1: the harness's memory probe fails on accumulated steps (lora_sweep.memory)")
     common.header(f"harness fit() vs a bare PyTorch + PEFT loop: {bench.label('lora')}, lr {bench.method('lora').lr:g}", bench, args)
-    schedule = bench.schedule(group_by_length=bench.train.group_by_length)
+    schedule = bench.schedule()
     counts = batching.token_counts(schedule.batches, bench.lengths)
     real_tokens = counts["real_tokens"]
-    print(f"  batches: {'length-grouped' if bench.train.group_by_length else 'random'}, {real_tokens} real tokens per run, "
+    print(f"  batches: {bench.train.batching}, {real_tokens} real tokens per run, "
           f"padding {100 * counts['padding_fraction']:.1f} %", flush=True)
 
     losses: dict[str, list[float]] = {}
@@ -111,7 +111,7 @@ def main() -> None:
     def harness(plan: batching.Plan = schedule, probe: bool = False) -> dict[str, float]:
         result = common.run_harness(bench, bench.method("lora"), plan, memory_probe=probe)
         losses["harness+probe" if probe else "harness"] = result.step_losses
-        if result.steps != len(plan.batches) // bench.train.grad_accum:
+        if result.steps != len(plan.steps):
             raise RuntimeError(f"the harness stopped after {result.steps} steps: {result.divergence}")
         return {"s_per_step": result.seconds / result.steps, "tok_per_s": result.real_tokens / result.seconds}
 
@@ -120,7 +120,7 @@ def main() -> None:
         variants["harness+probe"] = lambda plan=schedule: harness(plan, probe=True)
 
     start = time.perf_counter()
-    warm = bench.schedule(group_by_length=bench.train.group_by_length, steps=common.WARMUP_STEPS)
+    warm = bench.schedule(steps=common.WARMUP_STEPS)
     for run in variants.values():
         run(warm)
     print(f"  warm-up done ({common.elapsed(start)}); timed runs:", flush=True)

@@ -124,18 +124,19 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT")
 
 
-def shard(batch: list[int], units: list[int] | None = None) -> tuple[list[int], float]:
-    """This process's contiguous part of one global micro-batch, and the weight of its mean loss: its share of what
-    the loss averages over (`units`, one number per example of the batch: 1 for a loss averaged over examples, the
-    default; the predicted tokens for one averaged over tokens) times the number of processes, so the mean over processes of the
-    weighted losses (what DDP and FSDP average the gradients of) is the batch's mean loss. A process left with no
-    example computes the first one at weight 0, because every process must take part in every forward and backward."""
+def shard(batch: list[int], units: list[int] | None = None, total: float | None = None) -> tuple[list[int], float]:
+    """This process's contiguous part of one micro-batch, and the weight of its mean loss: the part's share of what the
+    optimizer step's loss averages over (`units`, one number per example of the micro-batch: 1 for a loss averaged
+    over examples, the default; the predicted tokens for one averaged over tokens; `total`, the step's sum of them,
+    by default the micro-batch's own) times the number of processes, so the sum over the step's micro-batches of the
+    mean over processes of the weighted losses (what DDP and FSDP average the gradients of) is the step's mean loss.
+    A micro-batch that is the whole step on one process gets weight 1 exactly. A process left with no example
+    computes the first one at weight 0, because every process must take part in every forward and backward."""
     rank, size = processes()
-    if size == 1:
-        return batch, 1.0
     units = units or [1] * len(batch)
+    total = total or sum(units)
     low, high = rank * len(batch) // size, (rank + 1) * len(batch) // size
-    return (batch[low:high], sum(units[low:high]) * size / sum(units)) if high > low else (batch[:1], 0.0)
+    return (batch[low:high], sum(units[low:high]) * size / total) if high > low else (batch[:1], 0.0)
 
 
 def weighted(loss, weight: float):

@@ -219,12 +219,20 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     train_set = tokens["train"].remove_columns("id")
     lengths = [len(ids) for ids in train_set["input_ids"]]
     steps = total_steps(s.train, len(train_set))
-    schedule = batching.train_plan(lengths, s.train.batch_size, steps, s.train.grad_accum, s.train.seed, s.train.group_by_length)
+    schedule = batching.train_plan(lengths, s.train.batch_size, steps, s.train.grad_accum, s.train.seed, s.train.batching,
+                                   s.train.min_micro_batch)
     accelerator = distributed.make_accelerator(p.device, s.train.distributed)
     distributed.seed_dropout(s.train.seed)
     if p.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = fit(accelerator, model, train_set, collate, schedule, p.method, s.train, on_log=tracker.log_loss)
+    curve: list[dict[str, Any]] = []
+
+    def tune_checkpoint(step: int) -> None:
+        split = evaluate_split(accelerator, model, p.family, tokens["tune"], collate, s)
+        curve.append({"step": step, "metrics": split["metrics"], "outputs": split["examples"]["outputs"]})
+
+    result = fit(accelerator, model, train_set, collate, schedule, p.method, s.train, on_log=tracker.log_loss,
+                 checkpoints=curve_steps(s.train.curve_points, steps), on_checkpoint=tune_checkpoint)
 
     out: dict[str, Any] = {
         "adapted_modules": adapted,
@@ -239,6 +247,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
         "tune_examples": len(tokens["tune"]),
         "eval_examples": len(tokens["dev"]),
         "tokens": {"train": batching.token_summary(result.real_tokens, result.computed_tokens)},
+        "micro_batches": len(schedule.batches),
     }
     time_fields = {
         "data_prep_s": prep_seconds,
@@ -256,15 +265,22 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     tune = evaluate_split(accelerator, model, p.family, tokens["tune"], collate, s)
     dev = evaluate_split(accelerator, model, p.family, tokens["dev"], collate, s)
     metrics = {**dev["metrics"], **p.family.extra_metrics(accelerator, model, tokenizer, tokens["dev"], s)}
-    time_fields["eval_s"] = time.perf_counter() - start
+    time_fields.update(eval_s=time.perf_counter() - start, curve_eval_s=result.checkpoint_seconds)
+    curve.append({"step": result.steps, "metrics": tune["metrics"], "outputs": tune["examples"]["outputs"]})
     out["tokens"].update(tune=tune["tokens"], dev=dev["tokens"])
     out.update(metrics=metrics, primary_metric=dev["primary_metric"], primary_value=metrics[dev["primary_metric"]],
                tune_metrics=tune["metrics"], tune_value=tune["metrics"][dev["primary_metric"]],
-               examples={"dev": dev["examples"], "tune": tune["examples"]}, time=time_fields,
+               examples={"dev": dev["examples"], "tune": tune["examples"]}, tune_curve=curve, time=time_fields,
                forgetting=probe.measure(accelerator.unwrap_model(model), tokenizer))
     out["artifact"] = _save(accelerator, model, p) if s.train.save_adapter else None
     out["status"] = "done"
     return out
+
+
+def curve_steps(points: list[float], steps: int) -> list[int]:
+    """The optimizer steps at which the tuning split is evaluated for the learning curve: each fraction of the budget,
+    rounded, once, before the last step (whose evaluation every run makes anyway)."""
+    return sorted({round(f * steps) for f in points} & set(range(1, steps)))
 
 
 def _memory_fields(accelerator, device: str, result) -> dict[str, Any]:

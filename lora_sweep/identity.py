@@ -28,7 +28,8 @@ from lora_sweep.settings import MethodSettings, Settings, TaskSettings, TrainSet
 NOT_RESULT = {
     # distributed: the processes split the same global batches; equal within float tolerance (tests/test_distributed.py)
     "train": ("threads", "device", "eval_batch_size", "log_every", "memory_probe", "save_adapter", "seed", "distributed",
-              "forgetting_examples", "forgetting_file"),  # forgetting: a measurement beside training; the record holds its protocol
+              "forgetting_examples", "forgetting_file",  # forgetting: a measurement beside training; the record holds its protocol
+              "curve_points"),  # the learning curve's evaluations draw no random numbers: training is unchanged (tests/test_train.py)
     "task": ("data_dir", "source"),  # replaced by the identity of the data actually read
 }
 INSTRUCT_ONLY = ("heldout_examples", "split_seed", "template", "generate_examples", "max_new_tokens", "generate_time_limit_s")
@@ -81,6 +82,8 @@ def task_identity(task: TaskSettings, data: dict[str, Any]) -> dict[str, Any]:
 def train_identity(train: TrainSettings) -> dict[str, Any]:
     fields = {k: v for k, v in dataclasses.asdict(train).items() if k not in NOT_RESULT["train"]}
     fields.pop("epochs" if train.max_steps > 0 else "max_steps")  # the other one decides the budget
+    if train.batching != "sorted":
+        fields.pop("min_micro_batch")  # only sorted batches are cut into micro-batches
     return fields
 
 

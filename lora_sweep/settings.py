@@ -28,6 +28,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 TARGET_PRESETS = ("qv", "qkvo", "mlp", "all_linear", "embeddings")
 ALPHA_POLICIES = ("fixed", "ratio")
+BATCHING = ("sorted", "random", "grouped")  # lora_sweep.batching
 DISTRIBUTED = ("none", "ddp", "fsdp")  # one process; data parallel; fully sharded (lora_sweep.distributed)
 INIT_CHOICES = ("true", "false", "gaussian", "olora", "pissa", "orthogonal")  # not eva: it needs a data pass before training
 
@@ -133,7 +134,8 @@ class TrainSettings:
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01  # AdamW's, on weight matrices only (not on biases and normalisation weights)
     max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 = off
-    group_by_length: bool = True  # length-grouped batches (little padding); false: random batches
+    batching: str = "sorted"  # sorted: each step's random batch sorted by length and cut into micro-batches (the same optimisation as random, less padding) | random | grouped (transformers' length-grouped sampler: faster, but changes the result)
+    min_micro_batch: int = 4  # batching=sorted: fewest examples in one micro-batch (at most batch_size); small ones pad least, large ones keep matmuls efficient (SST-2, batch 32: 4 -> 88 % of computed tokens real, 8 -> 73 %)
     divergence_factor: float = 4.0  # diverged when the mean loss of the last 10 steps exceeds this x the first step's
     max_seq_len: int = 64  # truncation length; batches are padded dynamically
     seed: int = 0
@@ -141,6 +143,7 @@ class TrainSettings:
     device: str = "auto"  # auto (CUDA with bf16 if present, else CPU fp32) | cpu | cuda
     eval_batch_size: int = 32  # examples per length-sorted evaluation batch (outputs returned in the split's order)
     log_every: int = 10  # steps between logged losses
+    curve_points: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # fractions of the budget at which the tuning split is also evaluated (the learning curve; the end of training always is); [] = none
     memory_probe: bool = True  # measure one optimizer step's peak tensor memory and its split
     save_adapter: bool = True  # save the adapter (or full model) and record its size on disk
     distributed: str = "none"  # none | ddp | fsdp: how the processes of one run (torchrun, accelerate launch, SLURM) share it
@@ -159,6 +162,12 @@ class TrainSettings:
         _check(self.divergence_factor > 1, f"train.divergence_factor={self.divergence_factor} must be > 1")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} is not allowed; use auto, cpu or cuda")
         _check(self.distributed in DISTRIBUTED, f"train.distributed={self.distributed!r} is not allowed; use {', '.join(DISTRIBUTED)}")
+        _check(self.batching in BATCHING, f"train.batching={self.batching!r} is not allowed; use {', '.join(BATCHING)}")
+        _check(1 <= self.min_micro_batch <= self.batch_size,
+               f"train.min_micro_batch={self.min_micro_batch} must be between 1 and train.batch_size={self.batch_size}")
+        points = list(self.curve_points)
+        _check(all(0 < x < 1 for x in points) and points == sorted(set(points)),
+               f"train.curve_points={points} must be increasing fractions of the budget in (0, 1) (the end of training is always evaluated)")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ class TrainResult:
     divergence: str | None = None  # why
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last log)
     step_losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training only: checkpoint evaluations are counted apart
+    checkpoint_seconds: float = 0.0
     samples: int = 0
     real_tokens: int = 0  # non-padding tokens seen
     computed_tokens: int = 0  # tokens computed, padding included
@@ -104,9 +105,17 @@ def fit(
     method: MethodSettings,
     train: TrainSettings,
     on_log: Callable[[int, float], None] | None = None,
+    checkpoints: Collection[int] = (),
+    on_checkpoint: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train `model` in place: one optimizer step per `train.grad_accum` micro-batches of the plan."""
-    steps = len(plan.batches) // train.grad_accum
+    """Train `model` in place: one optimizer step per step of the plan, whatever its number of micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of what the step's loss averages over (examples, or a
+    causal LM's predicted tokens), so the step's gradient is that of the step's whole batch however it was cut.
+    `on_checkpoint(step)` is called after each step in `checkpoints` (the learning curve evaluates there); training
+    resumes in train mode, and since evaluation draws no random numbers it does not change the run. Its time is
+    kept apart from training's."""
+    steps = len(plan.steps)
     optimizer = optimizer_for(model, method, train)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(train.warmup_ratio * steps), steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -116,26 +125,27 @@ def fit(
     model.train()
     progress = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
 
-    def forward_backward(micro: list[int]) -> float:
-        part, weight = distributed.shard(micro, loss_units(dataset, micro) if accelerator.num_processes > 1 else None)
+    def forward_backward(micro: list[int], units: list[int], total: int) -> float:
+        part, weight = distributed.shard(micro, units, total)
         batch = load_batch(dataset, part, collate, accelerator.device)
         loss = distributed.weighted(model(**batch).loss, weight)
-        accelerator.backward(loss / train.grad_accum)
+        accelerator.backward(loss)
         if weight:
             result.samples += len(part)
             result.real_tokens += int(batch["attention_mask"].sum())
             result.computed_tokens += batch["input_ids"].numel()
-        return distributed.mean(accelerator, loss.item()) / train.grad_accum
+        return distributed.mean(accelerator, loss.item())
 
     start = time.perf_counter()
-    for step in range(1, steps + 1):
+    for step, micros in enumerate(plan.steps, start=1):
         probing = train.memory_probe and step == plan.probe_step
-        micros = plan.batches[(step - 1) * train.grad_accum:step * train.grad_accum]
-        step_loss = sum(forward_backward(micro) for micro in micros[:-1])
+        units = [loss_units(dataset, micro) for micro in micros] if len(micros) > 1 or accelerator.num_processes > 1 else [None]
+        total = sum(map(sum, units)) if units[0] else None
+        step_loss = sum(forward_backward(micro, u, total) for micro, u in zip(micros[:-1], units))
         # The probe wraps the step's last micro-batch (the plan puts its longest there) and the update: the
         # gradients accumulated before it are live and counted. MemTracker follows one forward per module only.
         with memory.probe(model, optimizer, accelerator.device) if probing else nullcontext() as probe:
-            step_loss += forward_backward(micros[-1])
+            step_loss += forward_backward(micros[-1], units[-1], total)
             if probing:
                 result.grad_bytes_after_backward = sum(p.grad.nbytes for p in params if p.grad is not None)
             if train.max_grad_norm > 0:
@@ -158,9 +168,14 @@ def fit(
             window.clear()
             if on_log:
                 on_log(step, mean)
+        if on_checkpoint and step in checkpoints:
+            started = time.perf_counter()
+            on_checkpoint(step)
+            model.train()
+            result.checkpoint_seconds += time.perf_counter() - started
         progress.set_postfix(loss=f"{step_loss:.4f}")
         progress.update()
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start - result.checkpoint_seconds
     progress.close()
     result.samples, result.real_tokens, result.computed_tokens = (
         distributed.total(accelerator, n) for n in (result.samples, result.real_tokens, result.computed_tokens))

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import report, stats, tables
+from analysis import curves, report, stats, tables
 from analysis.load import load_records
 from lora_sweep import experiment, identity, records
 from lora_sweep.errors import UserError
@@ -34,7 +34,7 @@ BASE_KEYS = ("schema_version", "run_id", "config_id", "context_id", "sweep", "st
              "model", "model_name_or_path", "task", "task_family", "data_source", "method", "r", "alpha", "alpha_policy", "scaling",
              "targets", "match_budget", "lr", "seed", "baseline_run_id", "baseline_status", "identity", "config", "environment",
              "finished_at")
-EVAL_KEYS = ("metrics", "primary_metric", "primary_value", "tune_metrics", "tune_value", "examples", "artifact")
+EVAL_KEYS = ("metrics", "primary_metric", "primary_value", "tune_metrics", "tune_value", "examples", "artifact", "tune_curve")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def templates(tiny_bert_dir, tmp_path_factory):
     lora = experiment.run(settings)
     full = records.read_record(folder, lora["baseline_run_id"])
     assert lora["status"] == full["status"] == "done" and lora["params"]["adapter"] == 512 * 8  # 2 layers x 2 x (64 + 64) x r
+    for record in (lora, full):  # two steps of a random tiny model may end above their start: not what these tests vary
+        record["budget"] = dict(record["budget"], initial_loss=0.69, final_loss=0.6)
     return lora, full
 
 
@@ -69,8 +71,9 @@ def logits(labels: np.ndarray, right: np.ndarray) -> list[list[float]]:
 
 
 def variant(template: dict, seed: int, dev: float | None = None, tune: float | None = None, *, r=None, lr=None, swaps=3,
-            dropout=None, device=None, status="done", **fields) -> dict:
-    """A copy of `template` as the run with these settings would be recorded, with accuracies `dev` and `tune`."""
+            dropout=None, device=None, status="done", curve: dict[int, float] | None = None, **fields) -> dict:
+    """A copy of `template` as the run with these settings would be recorded, with accuracies `dev` and `tune`, and
+    its tuning split's learning curve: `curve` (step -> accuracy at the checkpoints before the end), then `tune`."""
     record = copy.deepcopy(template)
     ident, config = record["identity"], record["config"]
     ident["seed"] = record["seed"] = config["train"]["seed"] = seed
@@ -100,6 +103,10 @@ def variant(template: dict, seed: int, dev: float | None = None, tune: float | N
         tune_value = dev if tune is None else tune
         record.update(metrics={"accuracy": dev}, primary_value=dev, tune_metrics={"accuracy": tune_value}, tune_value=tune_value,
                       examples=splits, eval_examples=N, tune_examples=N)
+        record["tune_curve"] = [*({"step": step, "metrics": {"accuracy": value},
+                                   "outputs": logits(LABELS["tune"], correct(seed, f"tune{step}", value, swaps, salt))}
+                                  for step, value in sorted((curve or {}).items())),
+                                {"step": record["time"]["steps"], "metrics": {"accuracy": tune_value}, "outputs": splits["tune"]["outputs"]}]
     record["status"] = status
     if status != "done":  # what experiment writes for a run that failed before training, or ran away while training
         keep = BASE_KEYS if status == "failed" else [k for k in record if k not in EVAL_KEYS]
@@ -504,3 +511,30 @@ def test_forgetting_of_one_seed_is_reported_without_an_interval(tmp_path, templa
     write(runs, templates, {4: [0.85, 0.84]}, [0.86, 0.85])  # a second seed: intervals
     line = next(x for x in report.write(runs).read_text().splitlines() if x.startswith("sst2 · minilm_l6: forgetting"))
     assert "one seed" not in line and line.split("):", 1)[1].count(" ± ") == 2
+
+
+@pytest.mark.parametrize("lora_mid,word", [(0.70, "closing"), (0.795, "widening"), (0.80, "steady")])
+def test_learning_curves_give_the_paired_gap_at_each_checkpoint_and_its_trend(tmp_path, templates, lora_mid, word):
+    """Full FT at 0.80 then 0.86 on the tuning split; LoRA r=4 at `lora_mid` then 0.85 (a seed-dependent wiggle for the
+    trend's interval): the gap at each checkpoint is the paired difference of these accuracies, and its move from the
+    middle to the end says closing, widening or steady."""
+    lora_t, full_t = templates
+    for seed, wiggle in enumerate((0.0, 0.001, -0.001)):
+        records.write_record(tmp_path, variant(full_t, seed, 0.86, curve={1: 0.80}))
+        mid = lora_mid if word != "steady" else 0.81 + [0.0, 0.03, -0.03][seed]
+        records.write_record(tmp_path, variant(lora_t, seed, 0.85, r=4, curve={1: mid + wiggle}))
+    df, _, ranks, _ = analyse(tmp_path)
+    gaps = curves.gaps(df, ranks).set_index("step")
+    assert list(gaps.index) == [1, 2] and gaps["fraction"].tolist() == [0.5, 1.0]
+    expected_mid = 100 * (np.mean([(lora_mid if word != "steady" else 0.81 + d) + w for d, w in
+                                   zip([0.0, 0.03, -0.03], (0.0, 0.001, -0.001))]) - 0.80)
+    assert gaps.loc[1, "delta"] == pytest.approx(expected_mid, abs=0.051)  # accuracies are whole examples of 1,000
+    assert gaps.loc[2, "delta"] == pytest.approx(-1.0, abs=0.051)
+    assert gaps.loc[1, "delta_low"] < gaps.loc[1, "delta"] < gaps.loc[1, "delta_high"]
+    moved = curves.trend(gaps.reset_index())
+    assert moved["word"] == word
+    late = curves.still_improving(df, row_at(ranks, 4)["config_id"], "accuracy")
+    assert late["change"] == pytest.approx(100 * 0.85 - np.mean([gaps.loc[1, "lora"]]), abs=0.051)
+    report.write(tmp_path)
+    text = (tmp_path.parent / "report.md").read_text()
+    assert f"**The gap to full FT was {word}**" in text and "### Learning curves (tuning split)" in text

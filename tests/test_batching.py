@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lora_sweep import batching, distributed, evaluation, glue
-from lora_sweep.settings import MethodSettings, TrainSettings, compose
+from lora_sweep.settings import BATCHING, MethodSettings, TrainSettings, compose
 from lora_sweep.train import fit
 from tests.conftest import SHARED_DATA
 
@@ -46,10 +46,10 @@ def epochs_of(batches: list[list[int]], n: int) -> list[list[int]]:
     return [flat[k:k + n] for k in range(0, len(flat), n)]
 
 
-@pytest.mark.parametrize("group", [True, False], ids=["grouped", "random"])
-def test_every_example_once_per_epoch_across_a_wrap(group):
+@pytest.mark.parametrize("mode", ["grouped", "random"])
+def test_every_example_once_per_epoch_across_a_wrap(mode):
     lengths = [int(x) for x in np.random.default_rng(0).integers(3, 60, size=250)]
-    plan = batching.train_plan(lengths, batch_size=8, steps=20, grad_accum=2, seed=3, group_by_length=group)
+    plan = batching.train_plan(lengths, batch_size=8, steps=20, grad_accum=2, seed=3, batching=mode, min_micro_batch=4)
     assert len(plan.batches) == 40 and all(1 <= len(b) <= 8 for b in plan.batches)
     first, second = epochs_of(plan.batches, 250)  # 32 micro-batches (the last of 2) per epoch, then 8 of the next
     assert sorted(first) == list(range(250))
@@ -61,33 +61,33 @@ def test_every_example_once_per_epoch_across_a_wrap(group):
 
 
 def test_grouped_batches_are_length_homogeneous_on_real_sst2(sst2_lengths):
-    kwargs = dict(batch_size=32, steps=100, grad_accum=1, seed=0)
-    grouped = batching.token_counts(batching.train_plan(sst2_lengths, group_by_length=True, **kwargs).batches, sst2_lengths)
-    random = batching.token_counts(batching.train_plan(sst2_lengths, group_by_length=False, **kwargs).batches, sst2_lengths)
+    kwargs = dict(batch_size=32, steps=100, grad_accum=1, seed=0, min_micro_batch=4)
+    grouped = batching.token_counts(batching.train_plan(sst2_lengths, batching="grouped", **kwargs).batches, sst2_lengths)
+    random = batching.token_counts(batching.train_plan(sst2_lengths, batching="random", **kwargs).batches, sst2_lengths)
     assert random["padding_fraction"] > 0.5  # SST-2's lengths vary a lot: random batches compute mostly padding (0.67)
     assert grouped["padding_fraction"] < 0.1  # 0.07
     assert grouped["padding_fraction"] < random["padding_fraction"] / 5
 
 
 def test_the_seed_decides_the_order(sst2_lengths):
-    def batches(seed, group=True):
-        return batching.train_plan(sst2_lengths, 32, 50, 1, seed, group).batches
+    def batches(seed, mode="grouped"):
+        return batching.train_plan(sst2_lengths, 32, 50, 1, seed, mode, 4).batches
 
-    assert batches(0) == batches(0) and batches(0, False) == batches(0, False)
-    assert batches(0) != batches(1) and batches(0, False) != batches(1, False)
-    assert batches(0) != batches(0, False)
+    for mode in BATCHING:
+        assert batches(0, mode) == batches(0, mode) and batches(0, mode) != batches(1, mode)
+    assert batches(0, "grouped") != batches(0, "random") != batches(0, "sorted")
 
 
 @pytest.mark.parametrize("grad_accum", [1, 3])
 @pytest.mark.parametrize("seed", range(4))
 def test_the_probe_step_holds_the_longest_micro_batch_and_is_never_step_one(sst2_lengths, seed, grad_accum):
-    plan = batching.train_plan(sst2_lengths, batch_size=16, steps=30, grad_accum=grad_accum, seed=seed, group_by_length=True)
+    plan = batching.train_plan(sst2_lengths, batch_size=16, steps=30, grad_accum=grad_accum, seed=seed, batching="grouped", min_micro_batch=4)
     cost = [batching.padded_tokens(b, sst2_lengths) for b in plan.batches]
     probed = cost[(plan.probe_step - 1) * grad_accum:plan.probe_step * grad_accum]
     assert max(probed) == max(cost) == probed[-1]  # the probe wraps the step's last micro-batch: its longest
     assert plan.probe_step > 1
     # the sampler puts the longest example first: the longest batch was at step 1 and was moved to step 2
-    unswapped = batching.train_plan(sst2_lengths, batch_size=16, steps=1, grad_accum=grad_accum, seed=seed, group_by_length=True)
+    unswapped = batching.train_plan(sst2_lengths, batch_size=16, steps=1, grad_accum=grad_accum, seed=seed, batching="grouped", min_micro_batch=4)
     assert unswapped.probe_step == 1 and plan.probe_step == 2
     assert plan.batches[grad_accum:2 * grad_accum] == unswapped.batches  # moved whole, its micro-batches in order
     flat = Counter(i for b in plan.batches for i in b)
@@ -97,7 +97,7 @@ def test_the_probe_step_holds_the_longest_micro_batch_and_is_never_step_one(sst2
 def test_the_probe_step_on_random_batches_is_the_costliest_one():
     lengths = [10] * 64
     lengths[5] = 50  # one long example: whichever step holds it is the costliest
-    plan = batching.train_plan(lengths, batch_size=8, steps=8, grad_accum=1, seed=0, group_by_length=False)
+    plan = batching.train_plan(lengths, batch_size=8, steps=8, grad_accum=1, seed=0, batching="random", min_micro_batch=4)
     holder = next(s for s, b in enumerate(plan.batches, start=1) if 5 in b)
     assert plan.probe_step == holder > 1
 
@@ -158,7 +158,7 @@ def test_sorted_evaluation_gives_the_outputs_and_metrics_of_one_example_at_a_tim
 def test_fit_counts_the_tokens_of_the_plan(tiny_bert_dir, tokenizer):
     train_set = sst2_dataset(tokenizer, "train", 40).remove_columns("id")
     lengths = [len(ids) for ids in train_set["input_ids"]]
-    plan = batching.train_plan(lengths, batch_size=8, steps=4, grad_accum=2, seed=0, group_by_length=True)  # wraps once
+    plan = batching.train_plan(lengths, batch_size=8, steps=4, grad_accum=2, seed=0, batching="grouped", min_micro_batch=4)  # wraps once
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
     train = TrainSettings(batch_size=8, grad_accum=2, max_steps=4, memory_probe=False, log_every=1)
@@ -168,3 +168,42 @@ def test_fit_counts_the_tokens_of_the_plan(tiny_bert_dir, tokenizer):
     assert result.real_tokens == expected["real_tokens"]
     assert result.computed_tokens == expected["computed_tokens"]
     assert result.computed_tokens > result.real_tokens
+
+
+def _all_cuts(order: list[int], smallest: int, largest: int):
+    """Every way to cut `order` into consecutive pieces of smallest..largest (brute force, small inputs only)."""
+    if not order:
+        yield []
+        return
+    for size in range(smallest, min(largest, len(order)) + 1):
+        for rest in _all_cuts(order[size:], smallest, largest):
+            yield [order[:size], *rest]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sorted_cut_points_compute_the_fewest_padded_tokens(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [int(x) for x in rng.integers(1, 64, size=int(rng.integers(6, 13)))]
+    smallest, largest = int(rng.integers(1, 4)), int(rng.integers(4, 9))
+    micros = batching.cut_sorted(list(range(len(lengths))), lengths, smallest, largest)
+    assert sorted(i for m in micros for i in m) == list(range(len(lengths)))
+    assert all(smallest <= len(m) <= largest for m in micros)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = min(sum(batching.padded_tokens(m, lengths) for m in cut) for cut in _all_cuts(order, smallest, largest))
+    assert sum(batching.padded_tokens(m, lengths) for m in micros) == best
+
+
+def test_sorted_plans_take_random_batches_examples_and_cut_most_padding_on_real_sst2(sst2_lengths):
+    kwargs = dict(batch_size=32, steps=100, grad_accum=1, seed=0, min_micro_batch=4)
+    random, sorted_ = (batching.train_plan(sst2_lengths, batching=mode, **kwargs) for mode in ("random", "sorted"))
+    for step_random, step_sorted in zip(random.steps, sorted_.steps):
+        assert sorted(i for b in step_random for i in b) == sorted(i for b in step_sorted for i in b)
+        assert all(4 <= len(b) <= 32 for b in step_sorted)
+    real = 1 - batching.token_counts(sorted_.batches, sst2_lengths)["padding_fraction"]
+    assert real > 0.8  # 0.88 on SST-2 (random batches: 0.33)
+    assert 1 - batching.token_counts(random.batches, sst2_lengths)["padding_fraction"] < 0.4
+
+
+def test_a_short_step_that_no_cut_fits_falls_back_to_whole_batches():
+    lengths = [5, 9, 2, 7, 3, 8]  # 6 examples in pieces of exactly 4: no cut fits
+    assert batching.cut_sorted(list(range(6)), lengths, 4, 4) == [[1, 5, 3, 0], [4, 2]]

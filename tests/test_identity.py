@@ -95,14 +95,14 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
     "train": {
         **{name: [((), (f"train.{name}={value}",), DIFFERS)] for name, value in {
             "batch_size": 16, "grad_accum": 2, "max_steps": 100, "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 0.5,
-            "group_by_length": "false", "divergence_factor": 8.0, "max_seq_len": 128}.items()},
+            "batching": "random", "min_micro_batch": 2, "divergence_factor": 8.0, "max_seq_len": 128}.items()},
         "epochs": [((), ("train.epochs=3",), SAME), (NO_STEPS, (*NO_STEPS, "train.epochs=3"), DIFFERS)],
         "seed": [((), ("train.seed=1",), DIFFERS)],  # and the same config id: test_seeds_are_replicates_of_one_configuration
         "device": [((), ("train.device=cpu",), DIFFERS if torch.cuda.is_available() else SAME)],  # the device as resolved
         **{name: [((), (f"train.{name}={value}",), SAME)] for name, value in {
             "threads": 1, "eval_batch_size": 7, "log_every": 3, "memory_probe": "false", "save_adapter": "false",
             "distributed": "ddp",  # the same global batches over several processes: tests/test_distributed.py
-            "forgetting_examples": 0, "forgetting_file": "{tmp}/text.txt"}.items()},
+            "forgetting_examples": 0, "forgetting_file": "{tmp}/text.txt", "curve_points": "[0.5]"}.items()},
     },
     "logger": {name: [((), (override,), SAME)] for name, override in {
         "name": "logger=wandb", "project": "logger.project=other", "mode": "logger.mode=disabled"}.items()},

@@ -59,7 +59,7 @@ def run(tokenizer, monkeypatch, examples=10, method=FULL, dropout=0.1, **setting
     lengths = [len(ids) for ids in data["input_ids"]]
     cfg = TrainSettings(memory_probe=False, log_every=1, **settings)
     steps = train.total_steps(cfg, len(data))
-    plan = batching.train_plan(lengths, cfg.batch_size, steps, cfg.grad_accum, cfg.seed, cfg.group_by_length)
+    plan = batching.train_plan(lengths, cfg.batch_size, steps, cfg.grad_accum, cfg.seed, cfg.batching, cfg.min_micro_batch)
     torch.manual_seed(0)
     config = tiny_bert_config()
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
@@ -74,7 +74,8 @@ def run(tokenizer, monkeypatch, examples=10, method=FULL, dropout=0.1, **setting
 
 def test_grad_accum_across_an_epoch_wrap_makes_exactly_max_steps_updates_on_schedule(tokenizer, monkeypatch):
     # 10 examples in micro-batches of 4 (4, 4, 2 per epoch); 4 steps x 3 micro-batches = 12 micro-batches: 4 epochs
-    result, recorder, plan, forwards = run(tokenizer, monkeypatch, batch_size=4, grad_accum=3, max_steps=4, warmup_ratio=0.5)
+    result, recorder, plan, forwards = run(tokenizer, monkeypatch, batch_size=4, grad_accum=3, max_steps=4, warmup_ratio=0.5,
+                                           batching="random")
     assert len(plan.batches) == 12 and forwards == 12
     assert result.samples == 4 * 10 and result.steps == 4 and len(result.step_losses) == 4
     assert len(recorder.lrs) == 4  # optimizer.step called once per 3 micro-batches, never at an epoch's end
@@ -90,16 +91,90 @@ def test_grad_accum_across_an_epoch_wrap_makes_exactly_max_steps_updates_on_sche
 def test_an_accumulated_step_applies_the_mean_gradient_of_its_micro_batches(tokenizer, monkeypatch):
     # one step over the same 16 examples: two micro-batches of 8 accumulated, or one batch of 16 (no dropout, no clipping)
     _, accumulated, plan, forwards = run(tokenizer, monkeypatch, examples=16, dropout=0.0, batch_size=8, grad_accum=2, max_steps=1,
-                                         max_grad_norm=0.0)
-    _, whole, _, _ = run(tokenizer, monkeypatch, examples=16, dropout=0.0, batch_size=16, grad_accum=1, max_steps=1, max_grad_norm=0.0)
+                                         max_grad_norm=0.0, batching="random")
+    _, whole, _, _ = run(tokenizer, monkeypatch, examples=16, dropout=0.0, batch_size=16, grad_accum=1, max_steps=1, max_grad_norm=0.0,
+                         batching="random")
     assert forwards == 2 and sorted(i for b in plan.batches for i in b) == list(range(16))
     torch.testing.assert_close(accumulated.grads[0], whole.grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_sorted_micro_batches_give_the_random_batch_gradient_for_a_classifier(tokenizer, monkeypatch, grad_accum):
+    """Dropout off: the step's 32 real SST-2 examples, cut by length into micro-batches of at least 4, give the gradient
+    of the same 32 examples as one random batch (or two accumulated ones), and the same step loss."""
+    kwargs = dict(examples=64, dropout=0.0, batch_size=32 // grad_accum, grad_accum=grad_accum, max_steps=2, max_grad_norm=0.0)
+    result_random, random_, plan_random, _ = run(tokenizer, monkeypatch, batching="random", **kwargs)
+    result_sorted, sorted_, plan_sorted, forwards = run(tokenizer, monkeypatch, batching="sorted", min_micro_batch=4, **kwargs)
+    for step_random, step_sorted in zip(plan_random.steps, plan_sorted.steps):
+        assert sorted(i for b in step_random for i in b) == sorted(i for b in step_sorted for i in b)  # the same examples
+    assert forwards == len(plan_sorted.batches) > 2 * grad_accum  # really cut into more micro-batches
+    for g_random, g_sorted in zip(random_.grads, sorted_.grads):
+        assert torch.linalg.vector_norm(g_random) > 1e-3
+        torch.testing.assert_close(g_sorted, g_random, rtol=1e-4, atol=1e-6)
+    assert result_sorted.step_losses == pytest.approx(result_random.step_losses, rel=1e-5)
+    assert result_sorted.computed_tokens < 0.8 * result_random.computed_tokens  # and less padding computed
+
+
+def test_sorted_micro_batches_give_the_random_batch_gradient_for_a_causal_lm(monkeypatch):
+    """A causal LM's loss is a mean over response tokens: with uneven response lengths, micro-batches weighted by their
+    share of the step's response tokens give the whole batch's gradient (weighting by examples would not)."""
+    rng = np.random.default_rng(0)
+    rows = {"input_ids": [], "attention_mask": [], "labels": []}
+    for _ in range(24):
+        prompt, response = int(rng.integers(2, 20)), int(rng.integers(1, 30))
+        ids = rng.integers(3, 100, size=prompt + response).tolist()
+        rows["input_ids"].append(ids)
+        rows["attention_mask"].append([1] * len(ids))
+        rows["labels"].append([-100] * prompt + ids[prompt:])
+    data = datasets.Dataset.from_dict(rows)
+    lengths = [len(ids) for ids in rows["input_ids"]]
+
+    def step_gradient(batching_mode: str) -> tuple[torch.Tensor, float, int]:
+        cfg = TrainSettings(batch_size=24, max_steps=1, memory_probe=False, max_grad_norm=0.0, batching=batching_mode, min_micro_batch=3)
+        plan = batching.train_plan(lengths, 24, 1, 1, 0, batching_mode, 3)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0))
+        recorder = Recorder(monkeypatch)
+        pad = lambda features: {k: torch.tensor([f[k] + [0 if k != "labels" else -100] * (max(map(len, (g["input_ids"] for g in features))) - len(f[k]))
+                                                 for f in features]) for k in ("input_ids", "attention_mask", "labels")}
+        result = train.fit(distributed.make_accelerator("cpu", "none"), model, data, pad, plan, FULL, cfg)
+        return recorder.grads[0], result.step_losses[0], len(plan.batches)
+
+    whole, whole_loss, one = step_gradient("random")
+    cut, cut_loss, micro_batches = step_gradient("sorted")
+    assert one == 1 and micro_batches >= 3
+    torch.testing.assert_close(cut, whole, rtol=1e-4, atol=1e-6)
+    assert cut_loss == pytest.approx(whole_loss, rel=1e-5)
+
+
+def test_the_learning_curve_checkpoints_do_not_change_training(tokenizer, monkeypatch):
+    """Evaluating at checkpoints (eval mode, no gradients) leaves the run's losses and updates exactly as without them."""
+    plain, recorder_plain, _, _ = run(tokenizer, monkeypatch, examples=40, batch_size=8, max_steps=4)
+    calls = []
+    original = train.fit
+
+    def fit_with_checkpoints(*args, **kwargs):
+        def evaluate(step):
+            calls.append(step)
+            model = args[1]
+            model.eval()
+            with torch.no_grad():
+                model(**batching.load_batch(args[2], [0, 1], args[3], "cpu"))
+        return original(*args, checkpoints=[1, 3], on_checkpoint=evaluate, **kwargs)
+
+    monkeypatch.setattr(train, "fit", fit_with_checkpoints)
+    curved, recorder_curved, _, _ = run(tokenizer, monkeypatch, examples=40, batch_size=8, max_steps=4)
+    assert calls == [1, 3]
+    assert curved.step_losses == plain.step_losses  # dropout 0.1 is on: the same masks were drawn
+    for a, b in zip(recorder_plain.grads, recorder_curved.grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_epochs_decide_the_steps_when_max_steps_is_off(tokenizer, monkeypatch):
     # 2 epochs of ceil(10 / 4) = 3 micro-batches, 2 per step: ceil(6 / 2) = 3 steps
     assert train.total_steps(TrainSettings(batch_size=4, grad_accum=2, max_steps=-1, epochs=2), 10) == 3
-    result, recorder, plan, forwards = run(tokenizer, monkeypatch, batch_size=4, grad_accum=2, max_steps=-1, epochs=2)
+    result, recorder, plan, forwards = run(tokenizer, monkeypatch, batch_size=4, grad_accum=2, max_steps=-1, epochs=2, batching="random")
     assert result.steps == 3 and len(recorder.lrs) == 3 and forwards == 6
 
 
