@@ -60,7 +60,7 @@ def start(train: TrainSettings, device: str, generate_examples: int = 0) -> None
     if size > 1 and train.distributed == "none":
         raise UserError(f"this run was started as {size} processes but train.distributed=none; "
                         f"set train.distributed=ddp or fsdp, or start one process")
-    if size == 1 and train.distributed != "none":
+    if size == 1 and train.distributed != "none" and "LOCAL_RANK" not in os.environ:  # torchrun --nproc-per-node=1 is a launch
         raise UserError(f"train.distributed={train.distributed} but this run is one process: start it with torchrun "
                         f"--nproc-per-node=N (CPU or GPU) or accelerate launch --multi_gpu --num_processes=N (GPU), or set "
                         f"train.distributed=none")
