@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from lora_sweep import records
+from lora_sweep import identity, records
 from lora_sweep.errors import UserError
 from lora_sweep.metrics import metric_info
 from lora_sweep.records import SCHEMA_VERSION
@@ -64,6 +64,7 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
         "batch_size": train.get("batch_size"),
         "max_seq_len": train.get("max_seq_len"),
         "batching": train.get("batching") or ("grouped" if train.get("group_by_length") else "random"),  # schema 2 named it group_by_length
+        "batching_free_id": identity.batching_free_id(record["identity"]) if record.get("identity") else None,
         "micro_batches": record.get("micro_batches"),
         "primary_metric": record.get("primary_metric"),
         "primary_value": record.get("primary_value"),

@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis import curves, deploy, diagnostics, plots
 from analysis.load import IN_MEMORY_ONLY, load_records
-from analysis.tables import aggregate, compare_ranks, formatted, recommend, run_flags, tuned
+from analysis.tables import aggregate, compare_batching, compare_ranks, formatted, recommend, run_flags, tuned
 from lora_sweep.estimate import GIB
 
 
@@ -115,6 +115,7 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
         lines += ["## Runs to look at", "", "Runs that finished but may not be what they seem (kept in every table, flagged here):", "",
                   flags.to_markdown(index=False, disable_numparse=True), ""]
 
+    lines += _batching(df, agg, tables_dir)
     panels = []
     for (task, model), runs in df.groupby(["task", "model"], sort=True):
         title = f"{task} · {model}"
@@ -160,6 +161,28 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _batching(df: pd.DataFrame, agg: pd.DataFrame, tables_dir: Path) -> list[str]:
+    """Where one configuration ran with several train.batching: each against random batches, paired (lora_sweep.batching)."""
+    compared = compare_batching(df, agg) if len(agg) else pd.DataFrame()
+    if compared.empty:
+        return []
+    compared.to_csv(tables_dir / "batching.csv", index=False)
+    shown = pd.DataFrame({
+        "method": [f"LoRA r={int(r)} {t}" if m == "lora" else "full FT" for m, r, t in zip(compared["method"], compared["r"], compared["targets"])],
+        "batching": compared["batching"],
+        "eval metric (95 % CI)": [f"{s * m:.2f} ± {s * c:.2f}" for s, m, c in zip(compared["scale"], compared["mean"], compared["ci95"])],
+        "seed std": [f"{s * v:.2f}" for s, v in zip(compared["scale"], compared["seed_std"])],
+        "Δ vs random [95 % CI]": [f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (" differs" if diff else "") if pd.notna(d) else "–"
+                                  for d, lo, hi, diff in zip(compared["delta"], compared["delta_low"], compared["delta_high"], compared["differs"])],
+        "train s": compared["train_s"].map(formatted(".0f")),
+    })
+    return ["## Batching: does the way batches are drawn move the result?", "",
+            "Each configuration against itself on random batches, paired by seed and example on the eval split (the same test "
+            "as the rank verdicts). Sorted micro-batches take each step's random batch and only cut it by length, so they should "
+            "not differ; length-grouped batches change which examples share a step. \"differs\": the interval excludes 0.", "",
+            shown.to_markdown(index=False, disable_numparse=True), ""]
 
 
 def _learning_curves(runs: pd.DataFrame, ranks: pd.DataFrame, title: str, metric: str, slug: str, tables_dir: Path,

@@ -21,7 +21,7 @@ from lora_sweep.metrics import metric_info
 
 # Shown beside a configuration; taken from its first run (the configuration id already says they agree).
 DESCRIBE = ["config_id", "context_id", "task", "model", "method", "targets", "scaling", "alpha_policy", "r", "lr",
-            "max_steps", "batch_size", "max_seq_len", "batching", "device", "primary_metric", "higher_is_better", "primary_scale",
+            "max_steps", "batch_size", "max_seq_len", "batching", "batching_free_id", "device", "primary_metric", "higher_is_better", "primary_scale",
             "primary_unit", "params_total"]
 MEASURES = ["primary_value", "tune_value", "params_trainable", "params_adapter", "peak_mib", "train_s", "grad_after_backward_mib", "forgetting"]
 CHANCE_MARGIN = 0.01  # a metric within one point of the best constant predictor's is flagged as chance level
@@ -163,6 +163,28 @@ def compare_ranks(df: pd.DataFrame, agg: pd.DataFrame, margin: float | None = No
                                vs_lower_delta_high=step.high, vs_lower_differs=stats.differs(step) if step.seed_noise_known else None)
             rows.append(out)
             previous = row
+    return pd.DataFrame(rows)
+
+
+def compare_batching(df: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
+    """Each configuration run with sorted or grouped batches against the same configuration on random batches
+    (lora_sweep.batching), paired by seed and example: whether the faster batching moved the result."""
+    rows = []
+    for _, group in agg.groupby("batching_free_id", sort=True):
+        random = group[group["batching"] == "random"]
+        if random.empty or len(group) < 2:
+            continue
+        base = random.iloc[0]
+        for _, row in group.sort_values("batching").iterrows():
+            out = {"method": row["method"], "r": row["r"], "targets": row["targets"], "batching": row["batching"],
+                   "mean": row["primary_value_mean"], "ci95": row["primary_value_ci95"], "seed_std": row["primary_value_std"],
+                   "seeds": row["seeds"], "unit": row["primary_unit"], "scale": row["primary_scale"], "train_s": row["train_s_mean"],
+                   "delta": None, "delta_low": None, "delta_high": None, "paired_seeds": None, "differs": None}
+            result = compare(df, row, base) if row["batching"] != "random" else None
+            if result is not None:
+                out.update(delta=result.delta, delta_low=result.low, delta_high=result.high, paired_seeds=result.n_seeds,
+                           differs=stats.differs(result) if result.seed_noise_known else None)
+            rows.append(out)
     return pd.DataFrame(rows)
 
 

@@ -115,6 +115,15 @@ def config_id(identity: dict[str, Any]) -> str:
     return _hash(identity["config"])
 
 
+BATCHING_FIELDS = ("batching", "min_micro_batch", "group_by_length")  # group_by_length: schema 2's name for it
+
+
+def batching_free_id(identity: dict[str, Any]) -> str:
+    """Same configuration, whichever way its batches were drawn (train.batching): what a batching comparison pairs."""
+    config = {**identity["config"], "train": {k: v for k, v in identity["config"]["train"].items() if k not in BATCHING_FIELDS}}
+    return _hash(config)
+
+
 def context_id(identity: dict[str, Any]) -> str:
     """What a LoRA configuration shares with the full-FT configurations it is compared with."""
     return _hash({k: v for k, v in identity["config"].items() if k not in ("method", "baseline")})
