@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     from analysis import report
 
     try:
+        if args.tolerance is not None and not args.tolerance > 0:  # NaN too
+            raise UserError(f"--tolerance={args.tolerance:g} must be > 0 "
+                            f"(in the metric's display units: points for GLUE metrics, nats for a loss)")
         with file_errors():
             path = report.write(Path(args.results_dir) / "runs", args.tolerance, args.target_model)
     except UserError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import curves, deploy, diagnostics, plots
+from analysis import adaptive, curves, deploy, diagnostics, plots
 from analysis.load import IN_MEMORY_ONLY, load_records
 from analysis.tables import aggregate, compare_batching, compare_ranks, formatted, recommend, run_flags, tuned
 from lora_sweep.estimate import GIB
@@ -111,6 +111,7 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
                    if len(recommendation) else "No LoRA configuration finished.")
     lines += [recommended, ""]
     (tables_dir / "recommendation.md").write_text(recommended + "\n")
+    lines += adaptive.section(records_dir)  # an adaptive sweep's rounds and sequential verdicts, from its log
     if len(flags):
         lines += ["## Runs to look at", "", "Runs that finished but may not be what they seem (kept in every table, flagged here):", "",
                   flags.to_markdown(index=False, disable_numparse=True), ""]

@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def deploy(results_dir: Path, run_ids: list[str], repeats: int, threads: int, cache_dir: str) -> int:
-    """Measure the runs and write their deploy records; returns the exit status (1: a requested artifact is missing)."""
+    """Measure the runs and write their deploy records; returns the exit status: 1 where a run was not measured (its
+    artifacts are missing), so a script never takes a measurement that was not made for one."""
     if repeats < 2:
         raise UserError(f"--repeats={repeats} gives no spread; use 2 or more")
     runs_dir = results_dir / "runs"
@@ -361,8 +362,8 @@ def deploy(results_dir: Path, run_ids: list[str], repeats: int, threads: int, ca
         missing = [name for name, r in (("adapter", record), ("full-FT checkpoint", baseline)) if not records.artifact_dir(r, runs_dir)]
         if missing:
             print(f"[lora-deploy] {rid}: its {' and '.join(missing)} is not on disk (artifacts are not committed; re-run its "
-                  f"sweep to save them): {'not measured' if why == 'requested' else 'skipped'}", file=sys.stderr)
-            status = 1 if why == "requested" else status
+                  f"sweep to save them): not measured", file=sys.stderr)
+            status = 1
             continue
         print(f"[lora-deploy] {rid}: {why}; measuring ({repeats} repeats, {torch.get_num_threads()} threads)", flush=True)
         out = measure(record, runs_dir, all_records, why, repeats, cache_dir)

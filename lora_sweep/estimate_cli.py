@@ -26,8 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lora_sweep import settings as settings_module
 from lora_sweep import sweep
-from lora_sweep.errors import UserError, one_line
-from lora_sweep.estimate import GIB, Estimate, both
+from lora_sweep.cli import error_line
+from lora_sweep.errors import UserError
+from lora_sweep.estimate import GIB, Estimate, architecture_source, both
+from lora_sweep.hub import check_config
 from lora_sweep.settings import Settings
 
 COLUMNS = ("weights", "gradients", "optimizer", "activations", "other")
@@ -54,7 +56,10 @@ def jobs(argv: list[str]) -> list[Settings]:
         mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
         config = GlobalHydra.instance().hydra.compose_config("config", args.overrides, mode)
         overrides = sweep.job_overrides(config) if args.multirun else [args.overrides]
-        return [sweep.compose_job("config", job) for job in overrides]
+        every = [sweep.compose_job("config", job) for job in overrides]
+    for s in every:  # a damaged config.json is one error line, before any table
+        check_config(architecture_source(s), s.model.name_or_path)
+    return every
 
 
 def describe(s: Settings) -> str:
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(2)
     print("(gradients, activations and other are those live at the peak; step: FLOPs / (device_tflops x utilization))")
     if not fits:

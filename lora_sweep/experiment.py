@@ -73,9 +73,10 @@ def plan(settings: Settings) -> Plan:
     path = resolve_model(settings.model.name_or_path, settings.cache_dir)
     device = resolve_device(settings.train.device)
     source = family.resolve_source(settings.task)
+    skeleton = family.load_model(path, settings, meta=True)
+    _check_positions(skeleton.config, settings)
     method, targets, ranks = settings.method, None, None
     if method.name == "lora":
-        skeleton = family.load_model(path, settings, meta=True)
         if method.match_budget:
             method = dataclasses.replace(method, r=adapters.budget_rank(skeleton, method), match_budget=None)
         targets = adapters.check_lora(skeleton, method)
@@ -84,6 +85,14 @@ def plan(settings: Settings) -> Plan:
     ident = identity.experiment_identity(settings, method, targets, model_source(settings.model.name_or_path, path, settings.model.revision),
                                          family.data_identity(settings.task, source), device, ranks)
     return Plan(settings, method, family, path, device, source, ident, identity.run_id(ident))
+
+
+def _check_positions(config, settings: Settings) -> None:
+    """Examples longer than the model's position embeddings train, then crash in evaluation on a long example."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and settings.train.max_seq_len > positions:
+        raise UserError(f"train.max_seq_len={settings.train.max_seq_len} is longer than the model's {positions} positions "
+                        f"(max_position_embeddings in its config.json); use train.max_seq_len <= {positions}")
 
 
 def baseline_settings(settings: Settings) -> Settings:
@@ -135,7 +144,7 @@ def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: 
         "diverged_at_step": None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": s.model.name,
-        "model_name_or_path": s.model.name_or_path,
+        "model_name_or_path": records.portable_model(s.model.name_or_path, s.results_dir),
         "task": s.task.name,
         "task_family": s.task.family,
         "data_source": p.source,
@@ -164,6 +173,7 @@ def _recorded_config(s: Settings) -> dict[str, Any]:
     config = dataclasses.asdict(s)
     for key in ("results_dir", "cache_dir", "artifacts_dir"):
         config[key] = records.portable(config[key], s.results_dir)
+    config["model"]["name_or_path"] = records.portable_model(s.model.name_or_path, s.results_dir)
     config["task"]["data_dir"] = records.portable(s.task.data_dir, s.results_dir)
     config["train"]["forgetting_file"] = records.portable(s.train.forgetting_file, s.results_dir)
     pattern = s.method.rank_pattern
@@ -220,7 +230,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     lengths = [len(ids) for ids in train_set["input_ids"]]
     steps = total_steps(s.train, len(train_set))
     schedule = batching.train_plan(lengths, s.train.batch_size, steps, s.train.grad_accum, s.train.seed, s.train.batching,
-                                   s.train.min_micro_batch)
+                                   s.train.micro_batch_floor)
     accelerator = distributed.make_accelerator(p.device, s.train.distributed)
     distributed.seed_dropout(s.train.seed)
     if p.device == "cuda":

@@ -151,16 +151,31 @@ def _is_local_path(name: str) -> bool:
 
 
 def _check_model_folder(folder: Path, name: str) -> None:
-    """A local folder must be a model transformers can load: a config naming its model type, and weights."""
-    from transformers import AutoConfig
+    """A local folder must be a model transformers can load: a config naming its model type, and whole weights
+    files (a truncated one would fail every run of a sweep, once each had started)."""
+    from safetensors import SafetensorError, safe_open
 
     if not (folder / "config.json").is_file():
         raise UserError(f"model.name_or_path={name} is a folder but not a model: it has no config.json "
                         f"(a model folder is what save_pretrained writes)")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise UserError(f"model.name_or_path={name} holds no weights (*.safetensors or *.bin)")
+    check_config(folder, name)
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(weights, "pt"):  # reads the header only, which states the file's length
+                pass
+        except SafetensorError as exc:
+            raise UserError(f"model.name_or_path={name}: {weights.name} is damaged or truncated ({one_line(exc)}); "
+                            f"save or download the model again") from None
+
+
+def check_config(path: str | Path, name: str) -> None:
+    """The model's config.json must be one transformers can read (lora-estimate reads no more than this)."""
+    from transformers import AutoConfig
+
     try:
-        AutoConfig.from_pretrained(folder)
+        AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path={name} is not a model transformers can load: {one_line(exc)}") from None
 

@@ -109,8 +109,10 @@ def write_record(results_dir: str | Path, record: dict[str, Any]) -> Path:
         if path.exists():
             _move_aside(path, "history")
         os.replace(tmp, path)
-    except BaseException:  # a full disk, say: leave no temporary file behind
+    except BaseException as exc:  # a full disk, say: leave no temporary file behind
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not exc.filename:  # a write or fsync names no file: name the folder it failed in
+            exc.filename = str(folder)
         raise
     return path
 
@@ -131,13 +133,26 @@ def portable(path: str | Path | None, results_dir: str | Path) -> str | None:
     return os.path.relpath(Path(path).expanduser().resolve(), Path(results_dir).expanduser().resolve())
 
 
+def portable_model(name_or_path: str, results_dir: str | Path) -> str:
+    """model.name_or_path as a record keeps it: a local folder relative to the record's folder, written ./ or ../
+    so it never reads as a hub id (run_settings turns it back); a hub id or a package's model as given."""
+    if not Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    relative = portable(name_or_path, results_dir)
+    return relative if Path(relative).parts[0] == ".." else f"./{relative}"
+
+
 @contextmanager
 def run_lock(results_dir: str | Path, rid: str) -> Iterator[None]:
     """Exclusive lock on one run id across processes (and hosts, where the file system supports flock)."""
     locks = Path(results_dir) / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{rid}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process runs it: say why this one sits still, then wait for its record
+            print(f"[lora-sweep] waiting for {locks.name}/{rid}.lock in {results_dir}: another process is running {rid}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -190,4 +205,6 @@ def run_settings(record: dict[str, Any], runs_dir: Path, cache_dir: str | None =
                   cache_dir=cache_dir or str((runs_dir / config["cache_dir"]).resolve()))
     if config["task"]["data_dir"]:
         config["task"]["data_dir"] = str(runs_dir / config["task"]["data_dir"])
-    return settings.from_config(OmegaConf.create(config))
+    if config["model"]["name_or_path"].startswith(("./", "../")):  # a local folder (portable_model)
+        config["model"]["name_or_path"] = str(runs_dir / config["model"]["name_or_path"])
+    return settings.from_config(OmegaConf.create(config), strict=False)

@@ -3,14 +3,18 @@
 Hydra composes YAML from `conf/`; these dataclasses are its schema (registered in Hydra's
 ConfigStore, so a value of the wrong type such as `method.r=abc` is refused while composing,
 before anything trains) and `validate` checks values against what is allowed (not `__post_init__`:
-OmegaConf builds these dataclasses with missing values while composing).
+OmegaConf builds these dataclasses with missing values while composing). A key the schema does not have,
+added with `+` (`+method.rank=32`), is refused by `from_config`: Hydra would add it and the run ignore it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import re
 import time
+import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TARGET_PRESETS = ("qv", "qkvo", "mlp", "all_linear", "embeddings")
 ALPHA_POLICIES = ("fixed", "ratio")
 BATCHING = ("sorted", "random", "grouped")  # lora_sweep.batching
+DEFAULT_MIN_MICRO_BATCH = 4
 DISTRIBUTED = ("none", "ddp", "fsdp")  # one process; data parallel; fully sharded (lora_sweep.distributed)
 INIT_CHOICES = ("true", "false", "gaussian", "olora", "pissa", "orthogonal")  # not eva: it needs a data pass before training
 
@@ -135,7 +140,7 @@ class TrainSettings:
     weight_decay: float = 0.01  # AdamW's, on weight matrices only (not on biases and normalisation weights)
     max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 = off
     batching: str = "sorted"  # sorted: each step's random batch sorted by length and cut into micro-batches (the same optimisation as random, less padding) | random | grouped (transformers' length-grouped sampler: faster, but changes the result)
-    min_micro_batch: int = 4  # batching=sorted: fewest examples in one micro-batch (at most batch_size); small ones pad least, large ones keep matmuls efficient (SST-2, batch 32: 4 -> 88 % of computed tokens real, 8 -> 73 %)
+    min_micro_batch: int | None = None  # batching=sorted: fewest examples in one micro-batch (1..batch_size); null: 4, or batch_size if smaller. Small ones pad least, large ones keep matmuls efficient (SST-2, batch 32: 4 -> 88 % of computed tokens real, 8 -> 73 %)
     divergence_factor: float = 4.0  # diverged when the mean loss of the last 10 steps exceeds this x the first step's
     max_seq_len: int = 64  # truncation length; batches are padded dynamically
     seed: int = 0
@@ -150,6 +155,11 @@ class TrainSettings:
     forgetting_examples: int = 160  # forgetting probe (lora_sweep.forgetting): STS-B dev pairs or texts, a fixed seeded subset (1 thread: MiniLM ~2.5 s, SmolLM2-135M ~11 s); 0 = off
     forgetting_file: str | None = None  # the probe's data: null = STS-B/dev.tsv of the GLUE folder; a decoder reads a text file, one document a line
 
+    @property
+    def micro_batch_floor(self) -> int:
+        """The fewest examples a sorted micro-batch holds, as trained (min_micro_batch resolved)."""
+        return self.min_micro_batch or min(DEFAULT_MIN_MICRO_BATCH, self.batch_size)
+
     def validate(self) -> None:
         for key in ("batch_size", "grad_accum", "max_seq_len", "eval_batch_size", "log_every"):
             _check(getattr(self, key) >= 1, f"train.{key}={getattr(self, key)} must be >= 1")
@@ -157,14 +167,16 @@ class TrainSettings:
                f"train.max_steps={self.max_steps} must be >= 1, or -1 with train.epochs > 0")
         _check(0 <= self.warmup_ratio < 1, f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0")
+        _check(0 <= self.seed < 2**32, f"train.seed={self.seed} must be between 0 and 2**32 - 1")
         _check(self.forgetting_examples >= 0, f"train.forgetting_examples={self.forgetting_examples} must be >= 0 (0 = no forgetting probe)")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping)")
         _check(self.divergence_factor > 1, f"train.divergence_factor={self.divergence_factor} must be > 1")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r} is not allowed; use auto, cpu or cuda")
         _check(self.distributed in DISTRIBUTED, f"train.distributed={self.distributed!r} is not allowed; use {', '.join(DISTRIBUTED)}")
         _check(self.batching in BATCHING, f"train.batching={self.batching!r} is not allowed; use {', '.join(BATCHING)}")
-        _check(1 <= self.min_micro_batch <= self.batch_size,
-               f"train.min_micro_batch={self.min_micro_batch} must be between 1 and train.batch_size={self.batch_size}")
+        _check(self.min_micro_batch is None or 1 <= self.min_micro_batch <= self.batch_size,
+               f"train.min_micro_batch={self.min_micro_batch} must be between 1 and train.batch_size={self.batch_size} (or null: "
+               f"{DEFAULT_MIN_MICRO_BATCH}, or the batch size if smaller)")
         points = list(self.curve_points)
         _check(all(0 < x < 1 for x in points) and points == sorted(set(points)),
                f"train.curve_points={points} must be increasing fractions of the budget in (0, 1) (the end of training is always evaluated)")
@@ -277,8 +289,41 @@ def register() -> None:
     OmegaConf.register_new_resolver("stamp", _stamp, use_cache=True, replace=True)
 
 
-def from_config(cfg: DictConfig) -> Settings:
-    """Turn a composed config into validated settings, or raise a one-line UserError."""
+def unknown_key(path: str) -> str | None:
+    """The one line for a dotted key the schema does not have (`method.rank`), naming the closest known keys;
+    None where every part of it is known or lies below a free-form setting (a rank pattern's mapping)."""
+    schema: Any = Settings
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(schema):
+            return None
+        known = typing.get_type_hints(schema)
+        if part not in known:
+            group = ".".join(parts[:depth])
+            prefix = f"{group}." if group else ""
+            close = difflib.get_close_matches(part, known, n=3)
+            names = ", ".join(prefix + k for k in (close or known))
+            return f"{prefix}{part} is not a setting; {'the closest known' if close else 'known'}: {names}"
+        schema = known[part]
+    return None
+
+
+def _check_known_keys(cfg: DictConfig, schema: Any = Settings, prefix: str = "") -> None:
+    """Refuse a key the schema does not know (`+method.rank=32`, `+train.max_step=5`): Hydra adds it, OmegaConf's
+    merge keeps it and to_object drops it, so the run would train without the setting the user typed."""
+    hints = typing.get_type_hints(schema)
+    for key, node in cfg.items_ex(resolve=False):
+        if key not in hints:
+            raise UserError(unknown_key(f"{prefix}{key}"))
+        if dataclasses.is_dataclass(hints[key]) and isinstance(node, DictConfig):
+            _check_known_keys(node, hints[key], f"{prefix}{key}.")
+
+
+def from_config(cfg: DictConfig, strict: bool = True) -> Settings:
+    """Turn a composed config into validated settings, or raise a one-line UserError. `strict`: refuse a key the
+    schema does not know (a user's input; a record written by an older version may hold a setting since removed)."""
+    if strict:
+        _check_known_keys(cfg)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Settings), cfg)
         settings = OmegaConf.to_object(merged)

@@ -3,12 +3,12 @@
 Not in Hydra callbacks: Hydra turns a callback's exception into a warning and launches the jobs anyway, and a
 callback cannot set the exit status. So:
 
-- start, before any job: expand the grid exactly as Hydra's BasicSweeper will, compose and check every job
-  (types, values, targets, rank, data source), read each distinct data set once into the token cache the runs
-  load it from, check that the output folders can be written, and refuse an empty grid: any problem is one
-  error line and exit 2, with no job started. Then run the full-FT baselines the grid needs, when jobs run on
-  this machine (basic or joblib launcher), so parallel jobs never sit waiting on one; on a cluster the per-run
-  lock does this.
+- start, before any job (a single run gets the same checks): expand the grid exactly as Hydra's BasicSweeper
+  will, compose and check every job (types, values, unknown keys, targets, rank, sequence length, data source),
+  read each distinct data set once into the token cache the runs load it from, check that the output folders
+  can be written, and refuse an empty grid: any problem is one error line and exit 2, with no job started. Then
+  run the full-FT baselines the grid needs, when jobs run on this machine (basic or joblib launcher), so parallel
+  jobs never sit waiting on one; on a cluster the per-run lock does this.
 - after each job (SweepCallback, in the job's process): progress across the sweep (run k of n, elapsed, ETA).
 - finish, after the last job: a compact table of the sweep's runs against full FT, the analysis if asked, and
   the exit status: 1 if any run failed or left no record, else 0 (a diverged run is a result).
@@ -38,6 +38,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from hydra_plugins.lora_sweep_adaptive import sweeper as adaptive_sweeper
 from lora_sweep import settings as settings_module
 from lora_sweep.errors import UserError, one_line
 
@@ -59,10 +60,14 @@ class Sweep:
     deploy: bool  # lora-deploy's default measurement before the analysis
     cache_dir: str
     target_model: str | None  # analysis.target_model: the report's "At your scale" section
+    sweep_dir: str | None = None  # Hydra's folder of the sweep: an adaptive sweep logs its later rounds' runs there
 
 
 def job_overrides(config: DictConfig) -> list[list[str]]:
-    """The override list of every job, in launch order, as BasicSweeper expands them."""
+    """The override list of every job Hydra's sweeper launches first, in launch order: the whole grid as
+    BasicSweeper expands it, or an adaptive sweep's first round (hydra_plugins/lora_sweep_adaptive)."""
+    if adaptive_sweeper.configured(config):
+        return adaptive_sweeper.grid(config, list(config.hydra.overrides.task)).first_round()
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
@@ -93,18 +98,15 @@ def start(argv: list[str]) -> Sweep | None:
         return None
     with initialize_config_dir(config_dir=settings_module.CONF_DIR, version_base="1.3"):
         config = GlobalHydra.instance().hydra.compose_config(args.config_name or "config", args.overrides, RunMode.MULTIRUN)
-        if not (args.multirun or config.hydra.mode == RunMode.MULTIRUN):
+        if not (args.multirun or config.hydra.mode == RunMode.MULTIRUN):  # one run: the same checks, before it starts
+            preflight([experiment.plan(compose_job(config.hydra.job.config_name, list(config.hydra.overrides.task)))])
             return None
         jobs = job_overrides(config)
         if not jobs:
             raise UserError("the sweep grid is empty: every swept key needs at least one value")
         plans = [experiment.plan(compose_job(config.hydra.job.config_name, job)) for job in jobs]
-    results_dirs = {p.settings.results_dir for p in plans}
-    if len(results_dirs) > 1:
-        raise UserError(f"a sweep writes its records to one results_dir, not {len(results_dirs)}")
-    _read_data(plans)
-    for folder in results_dirs | {p.settings.artifacts_dir for p in plans if p.settings.train.save_adapter}:
-        _check_writable(folder)
+        adaptive_sweeper.check(config, plans, lambda job: compose_job(config.hydra.job.config_name, job))
+    preflight(plans)
     baselines = {}
     for plan in plans:
         if plan.settings.method.name == "lora" and plan.settings.pair_baseline:
@@ -121,7 +123,18 @@ def start(argv: list[str]) -> Sweep | None:
     (sweep_dir / PLAN_FILE).write_text(json.dumps({"jobs": len(plans), "started": time.time()}))
     return Sweep(plans[0].settings.results_dir, list(dict.fromkeys([*baselines, *(p.run_id for p in plans)])),
                  plans[0].settings.analyze, plans[0].settings.deploy, plans[0].settings.cache_dir,
-                 plans[0].settings.analysis.target_model)
+                 plans[0].settings.analysis.target_model, str(sweep_dir))
+
+
+def preflight(plans: list[Plan]) -> None:
+    """The checks a run would otherwise fail only once it (or its baseline) had trained: one results_dir, the data
+    read (its format, the tuning split's size) and the output folders writable."""
+    results_dirs = {p.settings.results_dir for p in plans}
+    if len(results_dirs) > 1:
+        raise UserError(f"a sweep writes its records to one results_dir, not {len(results_dirs)}")
+    _read_data(plans)
+    for folder in results_dirs | {p.settings.artifacts_dir for p in plans if p.settings.train.save_adapter}:
+        _check_writable(folder)
 
 
 def _read_data(plans: list[Plan]) -> None:
@@ -142,9 +155,11 @@ def _read_data(plans: list[Plan]) -> None:
 
 
 def _check_writable(folder: str) -> None:
-    """Create `folder` and a file in it: an unwritable folder stops the sweep once, before any job."""
+    """Create `folder` and a temporary file in it, as a record is written: an unwritable folder stops the sweep once, before any job."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    tempfile.TemporaryFile(dir=folder).close()
+    fd, path = tempfile.mkstemp(dir=folder)
+    os.close(fd)
+    os.unlink(path)
 
 
 def finish(sweep: Sweep) -> int:
@@ -152,7 +167,9 @@ def finish(sweep: Sweep) -> int:
     from analysis import report, tables
     from lora_sweep import deploy, records
 
-    found = {rid: records.read_record(sweep.results_dir, rid) for rid in sweep.run_ids}
+    later = adaptive_sweeper.launched_run_ids(sweep.sweep_dir) if sweep.sweep_dir else []  # an adaptive sweep's later rounds
+    run_ids = list(dict.fromkeys([*sweep.run_ids, *later]))
+    found = {rid: records.read_record(sweep.results_dir, rid) for rid in run_ids}
     written = [rid for rid, record in found.items() if record]
     if written:
         print(tables.sweep_summary(sweep.results_dir, written))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,15 @@ def _offline_hub(monkeypatch):
     """The hub is never reached from tests: an address that refuses at once stands in for it."""
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _own_signal_handlers():
+    """lora_sweep.cli.main installs its Ctrl-C and SIGTERM handlers in the process it runs in: give pytest's back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 REPO_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "lora_sweep"

@@ -1,0 +1,1 @@
+"""lora-sweep's adaptive rank sweep, a Hydra Sweeper plugin (conf/hydra/sweeper/adaptive.yaml)."""
