@@ -82,7 +82,7 @@ def main() -> None:
     bench = common.setup(args.steps, args.threads, args.overrides)
     if bench.method("lora").name != "lora":
         parser.error("batching.py times a LoRA run: leave method=lora")
-    common.header(f"batching: {bench.label('lora')}, min micro-batch {bench.train.min_micro_batch}", bench, args)
+    common.header(f"batching: {bench.label('lora')}, min micro-batch {bench.train.micro_batch_floor}", bench, args)
 
     def harness(mode: str, steps: int):
         plan = bench.schedule(mode, steps)

@@ -62,7 +62,7 @@ class Bench:
         train.batching); the same seed gives the same plan."""
         t = self.train
         return batching.train_plan(self.lengths, t.batch_size, steps or t.max_steps, t.grad_accum, t.seed, mode or t.batching,
-                                   t.min_micro_batch)
+                                   t.micro_batch_floor)
 
 
 def setup(steps: int, threads: int, overrides: list[str] = ()) -> Bench:

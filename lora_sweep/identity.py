@@ -82,7 +82,9 @@ def task_identity(task: TaskSettings, data: dict[str, Any]) -> dict[str, Any]:
 def train_identity(train: TrainSettings) -> dict[str, Any]:
     fields = {k: v for k, v in dataclasses.asdict(train).items() if k not in NOT_RESULT["train"]}
     fields.pop("epochs" if train.max_steps > 0 else "max_steps")  # the other one decides the budget
-    if train.batching != "sorted":
+    if train.batching == "sorted":
+        fields["min_micro_batch"] = train.micro_batch_floor  # as trained: null and the number it stands for are one run
+    else:
         fields.pop("min_micro_batch")  # only sorted batches are cut into micro-batches
     return fields
 

@@ -95,7 +95,9 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
     "train": {
         **{name: [((), (f"train.{name}={value}",), DIFFERS)] for name, value in {
             "batch_size": 16, "grad_accum": 2, "max_steps": 100, "warmup_ratio": 0.1, "weight_decay": 0.0, "max_grad_norm": 0.5,
-            "batching": "random", "min_micro_batch": 2, "divergence_factor": 8.0, "max_seq_len": 128}.items()},
+            "batching": "random", "divergence_factor": 8.0, "max_seq_len": 128}.items()},
+        "min_micro_batch": [((), ("train.min_micro_batch=2",), DIFFERS), ((), ("train.min_micro_batch=4",), SAME),  # null is 4 here
+                            (("train.batching=random",), ("train.batching=random", "train.min_micro_batch=2"), SAME)],
         "epochs": [((), ("train.epochs=3",), SAME), (NO_STEPS, (*NO_STEPS, "train.epochs=3"), DIFFERS)],
         "seed": [((), ("train.seed=1",), DIFFERS)],  # and the same config id: test_seeds_are_replicates_of_one_configuration
         "device": [((), ("train.device=cpu",), DIFFERS if torch.cuda.is_available() else SAME)],  # the device as resolved

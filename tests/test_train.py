@@ -59,7 +59,7 @@ def run(tokenizer, monkeypatch, examples=10, method=FULL, dropout=0.1, **setting
     lengths = [len(ids) for ids in data["input_ids"]]
     cfg = TrainSettings(memory_probe=False, log_every=1, **settings)
     steps = train.total_steps(cfg, len(data))
-    plan = batching.train_plan(lengths, cfg.batch_size, steps, cfg.grad_accum, cfg.seed, cfg.batching, cfg.min_micro_batch)
+    plan = batching.train_plan(lengths, cfg.batch_size, steps, cfg.grad_accum, cfg.seed, cfg.batching, cfg.micro_batch_floor)
     torch.manual_seed(0)
     config = tiny_bert_config()
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
