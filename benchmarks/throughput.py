@@ -1,17 +1,18 @@
-"""Training throughput of the harness against this machine's dense matmul throughput, and what length-grouped
-batches buy over random ones; one process, every figure a ratio of runs measured side by side.
+"""Training throughput of the harness against this machine's dense matmul throughput, and what sorted micro-batches
+(the default train.batching) buy over random batches; one process, every figure a ratio of runs measured side by side.
 
 What is measured, per repeat (the variants interleaved, their order rotated every repeat):
   (a) matmul      GFLOP/s of a dense 2048 x 2048 x 2048 `torch.matmul` in the training's compute dtype (fp32 on CPU;
                   bf16 on CUDA, where the harness autocasts to bf16), on the same torch threads as training: the
                   median of 5 timed calls after warm-up. Beside it, for reference, a matmul of the model's own FFN
                   shape ([computed tokens of a median batch] x hidden @ hidden x intermediate).
-  (b) full FT and LoRA (the composed run: r=8 on query/value by default), length-grouped batches: `train.fit` on the
+  (b) full FT and LoRA (the composed run: r=8 on query/value by default), sorted micro-batches: `train.fit` on the
                   real SST-2 batches of `batching.train_plan`, exactly the code path of a real run (memory probe off).
                   Printed: s/step, real tokens/s, computed (padded) tokens/s, and the achieved GFLOP/s counted on real
                   tokens (useful work) and on computed tokens (what the machine did), each also as a fraction of (a).
-  (c) LoRA on random batches (group_by_length=false): the same steps, seed and model as the LoRA run of (b); the
-                  ratio grouped / random of real tokens/s (and of s/step), and the padding fraction of each plan.
+  (c) LoRA on random batches (train.batching=random): the same examples per step, seed and model as the LoRA run of
+                  (b); the ratio sorted / random of real tokens/s (and of s/step), and the padding fraction of each plan.
+                  benchmarks/batching.py compares every batching and transformers' Trainer.
 
 The FLOP count (lora_sweep/flops.py, printed before the runs with its check). Only matrix products are counted. Per token, forward: 2 x
 the weights of every linear layer the token passes through (encoder: q, k, v, attention output, FFN in and out;
@@ -31,9 +32,7 @@ products (on CPU it cannot see the fused SDPA attention kernel: counted analytic
 How to read the output: the FLOP model and its check; one line per run as it finishes; then (a), the table of (b)
 (medians over repeats), and the ratio lines, each the median of the per-repeat ratios with a distribution-free
 interval for that median (order statistics: the min-max range below 6 repeats, which holds the median with
-probability 1 - 2^(1-n), 94 % for the default 5; >= 95 % from 6 repeats on) and its half-width in %. The default 50
-steps are one mega-batch of the length-grouped sampler (50 batches sorted by length), so the grouped plan holds the
-batch lengths of a whole run (a shorter plan holds only the longest batches of its first mega-batch). Absolute
+probability 1 - 2^(1-n), 94 % for the default 5; >= 95 % from 6 repeats on) and its half-width in %. Absolute
 timings vary 10-30 % between machines of the same kind, and with other load on this one: compare ratios measured
 in one run. Small models on CPU reach a small fraction of the large-matmul peak (small matrices, and the unfused
 element-wise work the count leaves out, and AdamW over 22.7M weights for full FT); the FFN-shaped matmul shows
@@ -87,12 +86,12 @@ def main() -> None:
     dtype = torch.bfloat16 if bench.device == "cuda" else torch.float32
     dtype_name = str(dtype).removeprefix("torch.")
 
-    grouped, random = bench.schedule(group_by_length=True), bench.schedule(group_by_length=False)
-    plans = {"grouped": grouped, "random": random}
+    default, random = bench.schedule(), bench.schedule("random")
+    plans = {"sorted": default, "random": random}
     tokens = {k: batching.token_counts(p.batches, bench.lengths) for k, p in plans.items()}
 
     # The FLOP model of each method, read off its model, and checked on one padded batch against torch's counter.
-    example = batching.load_batch(bench.train_set, grouped.batches[0], bench.collate, bench.device)
+    example = batching.load_batch(bench.train_set, random.batches[0], bench.collate, bench.device)
     flops: dict[str, FlopModel] = {}
     config = None
     print("\nFLOP model (matrix products only; training = forward + backward; per token unless said):")
@@ -117,11 +116,11 @@ def main() -> None:
               f"vs torch.utils.flop_counter {linear / 1e9:.3f} GFLOP ({100 * (ours_linear / linear - 1):+.2f} %); {check}")
         del model
     for name in ("full", "lora"):
-        useful, computed = flops[name].plan(grouped, bench.lengths)
-        print(f"  {bench.label(name)}, grouped plan: {useful / tokens['grouped']['real_tokens'] / 1e6:.1f} MFLOP per real token "
-              f"(useful), {computed / tokens['grouped']['real_tokens'] / 1e6:.1f} computed per real token")
+        useful, computed = flops[name].plan(default, bench.lengths)
+        print(f"  {bench.label(name)}, sorted plan: {useful / tokens['sorted']['real_tokens'] / 1e6:.1f} MFLOP per real token "
+              f"(useful), {computed / tokens['sorted']['real_tokens'] / 1e6:.1f} computed per real token")
 
-    ffn_rows = int(statistics.median(batching.padded_tokens(b, bench.lengths) for b in grouped.batches))
+    ffn_rows = int(statistics.median(batching.padded_tokens(b, bench.lengths) for b in default.batches))
     hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
 
     def matmul() -> dict[str, float]:
@@ -133,7 +132,7 @@ def main() -> None:
             plan = plan or plans[plan_name]
             result = common.run_harness(bench, bench.method(name), plan)
             expected = batching.token_counts(plan.batches, bench.lengths)
-            if result.steps * bench.train.grad_accum != len(plan.batches) or result.real_tokens != expected["real_tokens"]:
+            if result.steps != len(plan.steps) or result.real_tokens != expected["real_tokens"]:
                 raise RuntimeError(f"{name}: the harness ran {result.steps} steps / {result.real_tokens} real tokens, not the plan's "
                                    f"({result.divergence or 'tokens differ'})")
             useful, computed = flops[name].plan(plan, bench.lengths)
@@ -142,14 +141,14 @@ def main() -> None:
                     "gflops_useful": useful / s / 1e9, "gflops_computed": computed / s / 1e9}
         return run
 
-    V_FULL, V_LORA, V_RANDOM = (f"{bench.label('full')}, grouped", f"{bench.label('lora')}, grouped", f"{bench.label('lora')}, random")
-    variants = {"matmul": matmul, V_FULL: training("full", "grouped"), V_LORA: training("lora", "grouped"),
+    V_FULL, V_LORA, V_RANDOM = (f"{bench.label('full')}, sorted", f"{bench.label('lora')}, sorted", f"{bench.label('lora')}, random")
+    variants = {"matmul": matmul, V_FULL: training("full", "sorted"), V_LORA: training("lora", "sorted"),
                 V_RANDOM: training("lora", "random")}
 
     start = time.perf_counter()
     matmul()
-    warm = {g: bench.schedule(group_by_length=g == "grouped", steps=common.WARMUP_STEPS) for g in plans}
-    for variant, plan_name in ((V_FULL, "grouped"), (V_LORA, "grouped"), (V_RANDOM, "random")):
+    warm = {g: bench.schedule(g, steps=common.WARMUP_STEPS) for g in plans}
+    for variant, plan_name in ((V_FULL, "sorted"), (V_LORA, "sorted"), (V_RANDOM, "random")):
         variants[variant](warm[plan_name])
     print(f"\nwarm-up done ({common.elapsed(start)}); timed runs:", flush=True)
 
@@ -165,12 +164,12 @@ def main() -> None:
           f"wall time {common.elapsed(start)}):")
     mm = [r["gflops"] for r in runs["matmul"]]
     print(f"(a) dense {dtype_name} matmul {common.MATMUL_N}x{common.MATMUL_N}x{common.MATMUL_N}, {bench.threads} threads, GFLOP/s: {timing.spread(mm, '.1f')}")
-    print(f"    FFN-shaped matmul [{ffn_rows} x {hidden}] @ [{hidden} x {inter}] (the median grouped batch's computed tokens), "
+    print(f"    FFN-shaped matmul [{ffn_rows} x {hidden}] @ [{hidden} x {inter}] (the median sorted micro-batch's computed tokens), "
           f"GFLOP/s: {timing.spread([r['gflops_ffn'] for r in runs['matmul']], '.1f')}")
     print(f"(b) training, {bench.settings.task.name} on {bench.settings.model.name}; GFLOP/s and '/(a)' per repeat against that repeat's matmul")
     print(f"    {'variant':<30s} {'s/step':>8s} {'real tok/s':>10s} {'comp tok/s':>10s} {'padding':>8s} "
           f"{'useful GF/s':>11s} {'comp GF/s':>10s} {'useful/(a)':>10s} {'comp/(a)':>9s}")
-    rows = ((V_FULL, "full", "grouped"), (V_LORA, "lora", "grouped"), (V_RANDOM, "lora", "random"))
+    rows = ((V_FULL, "full", "sorted"), (V_LORA, "lora", "sorted"), (V_RANDOM, "lora", "random"))
     for variant, name, plan_name in rows:
         useful_frac = [r["gflops_useful"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
         comp_frac = [r["gflops_computed"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
@@ -180,14 +179,14 @@ def main() -> None:
     for variant, name, _ in rows[:2]:
         frac = [r["gflops_useful"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
         print(f"    {bench.label(name)} useful GFLOP/s / (a): {timing.spread(frac)}")
-    comp_full, comp_lora = flops["full"].plan(grouped, bench.lengths)[1], flops["lora"].plan(grouped, bench.lengths)[1]
+    comp_full, comp_lora = flops["full"].plan(default, bench.lengths)[1], flops["lora"].plan(default, bench.lengths)[1]
     print(f"    LoRA / full FT s/step: {timing.spread(timing.ratios(runs[V_LORA], runs[V_FULL], 's_per_step'))}  "
           f"(their matmul FLOPs alone would give {comp_lora / comp_full:.3f})")
-    print(f"(c) length-grouped vs random batches, {bench.label('lora')}, same {args.steps} steps and seed: padding "
-          f"{100 * tokens['grouped']['padding_fraction']:.1f} % grouped, {100 * tokens['random']['padding_fraction']:.1f} % random "
-          f"({tokens['grouped']['real_tokens']} vs {tokens['random']['real_tokens']} real tokens per run)")
-    print(f"    grouped / random real tokens/s: {timing.spread(timing.ratios(runs[V_LORA], runs[V_RANDOM], 'tok_per_s'))}")
-    print(f"    random / grouped s/step:        {timing.spread(timing.ratios(runs[V_RANDOM], runs[V_LORA], 's_per_step'))}")
+    print(f"(c) sorted micro-batches vs random batches, {bench.label('lora')}, same {args.steps} steps and seed: padding "
+          f"{100 * tokens['sorted']['padding_fraction']:.1f} % sorted, {100 * tokens['random']['padding_fraction']:.1f} % random "
+          f"({tokens['sorted']['real_tokens']} vs {tokens['random']['real_tokens']} real tokens per run)")
+    print(f"    sorted / random real tokens/s: {timing.spread(timing.ratios(runs[V_LORA], runs[V_RANDOM], 'tok_per_s'))}")
+    print(f"    random / sorted s/step:        {timing.spread(timing.ratios(runs[V_RANDOM], runs[V_LORA], 's_per_step'))}")
 
 
 if __name__ == "__main__":
