@@ -99,10 +99,10 @@ def _phi(ranks: pd.DataFrame, directions: dict, paired: set[str]) -> pd.DataFram
     `paired` configurations are paired, so that each rank is the configuration chosen on the tuning split (runs at
     another learning rate are not mixed in)."""
     if ranks.empty or not directions:
-        return pd.DataFrame(columns=["comparison", "matrix", "i", "j", "phi", "phi_low", "phi_high", "pairs", "layers", "d"])
+        return pd.DataFrame(columns=["context_id", "comparison", "matrix", "i", "j", "phi", "phi_low", "phi_high", "pairs", "layers", "d"])
     lora = ranks[(ranks["method"] == "lora") & ~ranks["rank_pattern"] & ranks["config_id"].isin(paired)]
     rows = []
-    for _, group in lora.groupby(["context_id", "targets"]):
+    for (context, _), group in lora.groupby(["context_id", "targets"]):
         present = sorted(group["r"].unique())
         high = present[-1]
         low = next((r for r in present if r >= LOW_RANK and r < high), present[0])
@@ -122,7 +122,7 @@ def _phi(ranks: pd.DataFrame, directions: dict, paired: set[str]) -> pd.DataFram
                 if "seed vs seed" in label:
                     stacked = stacked[:, :PHI_SEEDS_MAX, :PHI_SEEDS_MAX]
                 grid, low_grid, high_grid = stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0)
-                rows += [{"comparison": label, "matrix": matrix, "i": i + 1, "j": j + 1, "phi": float(f"{grid[i, j]:.4g}"),
+                rows += [{"context_id": context, "comparison": label, "matrix": matrix, "i": i + 1, "j": j + 1, "phi": float(f"{grid[i, j]:.4g}"),
                           "phi_low": float(f"{low_grid[i, j]:.4g}"), "phi_high": float(f"{high_grid[i, j]:.4g}"),
                           "pairs": len(per_pair), "layers": len(names), "d": int(directions[run_pairs[0][0], names[0]].shape[0])}
                          for i in range(grid.shape[0]) for j in range(grid.shape[1])]
@@ -267,8 +267,13 @@ def section(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path, out: Path) -
     if ranks.empty:
         return lines + ["No update could be measured.", ""]
     curve = energy_curve(ranks, spectra)
-    for (task, model), part in ranks.groupby(["task", "model"]):
-        lines += _updates(part, spectra, curve, phi, agg[(agg["task"] == task) & (agg["model"] == model)], df, f"{task} · {model}", out)
+    for (task, model), by_model in ranks.groupby(["task", "model"]):
+        contexts = sorted(by_model["context_id"].unique())
+        for k, context in enumerate(contexts):  # one section per context: runs of another budget or batching are not pooled
+            part = by_model[by_model["context_id"] == context]
+            title = f"{task} · {model}" + (f" · context {k + 1} of {len(contexts)}" if len(contexts) > 1 else "")
+            context_phi = phi[phi["context_id"] == context] if "context_id" in phi else phi  # tables cached before it was kept
+            lines += _updates(part, spectra, curve, context_phi, agg[agg["context_id"] == context], df, title, out)
     return lines
 
 
@@ -278,7 +283,7 @@ def _phi_spread(row: pd.Series) -> str:
 
 
 def _updates(ranks, spectra, curve, phi, agg, df, title, out) -> list[str]:
-    slug = title.replace(" · ", "_").replace("/", "-")
+    slug = title.replace(" · ", "_").replace("/", "-").replace(" ", "_")
     plots_dir = out / "plots"
     summary = _rank_summary(ranks)
     lines = [f"### {title}", "", summary.to_markdown(index=False, disable_numparse=True), ""]
