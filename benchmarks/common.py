@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, set_seed
 
 from lora_sweep import adapters, batching, data, distributed, experiment
 from lora_sweep.settings import MethodSettings, Settings, TrainSettings, compose
-from lora_sweep.train import TrainResult, fit
+from lora_sweep.train import TrainResult, fit, optimizer_for
 
 WARMUP_STEPS = 3  # steps of the untimed run each variant makes before anything is timed
 MATMUL_N = 2048  # the dense matmul whose throughput is the machine's peak: MATMUL_N x MATMUL_N x MATMUL_N
@@ -96,6 +96,31 @@ def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, m
     train = dataclasses.replace(bench.train, memory_probe=memory_probe)
     gc.collect()
     return fit(distributed.make_accelerator(bench.device, "none"), model, bench.train_set, bench.collate, schedule, method, train)
+
+
+def synthetic_step(model: torch.nn.Module, method: MethodSettings, settings: Settings, shape: tuple[int, int], device: str,
+                   autocast) -> tuple[Callable[[], float], torch.optim.Optimizer]:
+    """train.fit's optimizer step (forward under `autocast`, backward, clipping, AdamW step, zero_grad) on synthetic
+    ids of exactly `shape` (batch, seq): every example `seq` real tokens, so the memory model applies exactly.
+    Returns the step (its loss, read back: it waits for the device) and its optimizer (what the memory probe wraps)."""
+    batch, seq = shape
+    model.train()
+    optimizer = optimizer_for(model, method, settings.train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(100, model.config.vocab_size, (batch, seq), device=device)
+    labels = ids if settings.task.family == "instruct" else torch.zeros(batch, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def step() -> float:
+        with autocast:
+            loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, optimizer
 
 
 def matmul_gflops(device: str, dtype: torch.dtype, m: int = MATMUL_N, k: int = MATMUL_N, n: int = MATMUL_N, calls: int = 5) -> float:

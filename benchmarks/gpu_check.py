@@ -56,7 +56,6 @@ from lora_sweep import adapters, estimate, memory
 from lora_sweep.experiment import family_of
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import CONF_DIR, compose
-from lora_sweep.train import optimizer_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -212,25 +211,12 @@ def measure(check: Check, name: str, overrides: tuple[str, ...], shape: tuple[in
 def train_steps(check: Check, settings, method, shape: tuple[int, int], precision: str, steps: tuple[int, int]) -> dict:
     """train.fit's step on synthetic ids of exactly `shape`: the probe wraps the step after the warm-up (AdamW's state
     exists), torch.cuda.max_memory_allocated covers that step and the timed ones."""
-    device, (batch, seq), (warmup, timed) = check.device, shape, steps
+    device, (warmup, timed) = check.device, steps
     weights = torch.bfloat16 if precision == "bf16" else torch.float32
     model, _ = adapters.apply_method(random_model(settings, device, weights), method, family_of(settings).TASK_TYPE)
-    model.train()
-    optimizer = optimizer_for(model, method, settings.train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ids = torch.randint(100, model.config.vocab_size, (batch, seq), device=device)
-    labels = ids if settings.task.family == "instruct" else torch.zeros(batch, dtype=torch.long, device=device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16_autocast" else nullcontext()
-
-    def step() -> float:
-        with autocast:
-            loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()  # waits for the step's work on the device
+    step, optimizer = common.synthetic_step(model, method, settings, shape, device, autocast)
+    params = [p for p in model.parameters() if p.requires_grad]
 
     losses = [step() for _ in range(warmup)]
     if device == "cuda":

@@ -33,6 +33,7 @@ from contextlib import nullcontext
 
 import torch
 
+import common
 from lora_sweep import adapters, estimate, memory
 from lora_sweep.experiment import family_of
 from lora_sweep.hub import resolve_model
@@ -69,22 +70,8 @@ def measure(settings: Settings, batch: int, seq: int, device: str) -> dict:
     if settings.estimate.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model, _ = adapters.apply_method(model, settings.method, family.TASK_TYPE)
-    model.train()
-    optimizer = optimizer_for(model, settings.method, settings.train)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ids = torch.randint(100, model.config.vocab_size, (batch, seq), device=device)
-    labels = ids if settings.task.family == "instruct" else torch.zeros(batch, dtype=torch.long, device=device)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
-
-    def step() -> None:
-        with autocast:
-            loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step, optimizer = common.synthetic_step(model, settings.method, settings, (batch, seq), device, autocast)
     step()
     if device == "cuda":
         torch.cuda.synchronize()
