@@ -62,7 +62,7 @@ def measured() -> simulation.Measured:
 
 
 def test_the_committed_records_give_the_variance_components(measured):
-    assert sorted(measured.deltas) == [1, 2, 4, 8, 16, 32, 64] and measured.seeds >= 2
+    assert sorted(measured.deltas) == [1, 4, 16, 64] and measured.seeds >= 2  # the main job's ranks (conf/sweep/rank.yaml)
     assert 0.05 < measured.interval.v_seed < 10 and 0.05 < measured.interval.v_shared < 10  # points², SST-2 dev: ~1 and ~0.6
     assert measured.split.v_shared + measured.split.v_flip / 3 == pytest.approx(measured.interval.v_shared)
 
@@ -100,7 +100,7 @@ def test_on_the_committed_ranks_the_adaptive_sweep_spends_less_for_the_same_answ
     outcome = simulation.sweep(ranks, [measured.deltas[r] for r in ranks], measured.interval, 1.0, 3, 6, 400,
                                np.random.default_rng(2))
     same = np.mean([a == g for a, g in zip(outcome.adaptive, outcome.grid)])
-    assert same >= 0.95 and outcome.runs().mean() < 0.75 * outcome.grid_runs() and outcome.grid_runs() == 48
+    assert same >= 0.95 and outcome.runs().mean() < 0.75 * outcome.grid_runs() and outcome.grid_runs() == (len(ranks) + 1) * 6
 
 
 @pytest.mark.parametrize("values_,message", [
@@ -118,10 +118,10 @@ def test_bad_settings_are_one_line_naming_the_value(values_, message):
 
 def test_the_rank_preset_runs_its_first_round_or_the_fixed_grid():
     first = grid("+sweep=rank")
-    assert len(first) == 21 and values(first, "train.seed") == ["0", "1", "2"]
+    assert len(first) == 4 * 3 and values(first, "train.seed") == ["0", "1", "2"]
     assert values(grid("+sweep=rank", "train.seed=10"), "train.seed") == ["10", "11", "12"]
     fixed = grid("+sweep=rank", "hydra.sweeper.adaptive=false")
-    assert len(fixed) == 42 and values(fixed, "train.seed") == ["0", "1", "2", "3", "4", "5"]
+    assert len(fixed) == 4 * 6 and values(fixed, "train.seed") == ["0", "1", "2", "3", "4", "5"]
     with pytest.raises(UserError, match="train.seed is swept: an adaptive sweep chooses the seeds itself"):
         grid("+sweep=[rank,seeds]")
 

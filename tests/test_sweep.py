@@ -205,9 +205,9 @@ def values(jobs: list[list[str]], key: str) -> list[str]:
 
 
 def test_presets_expand_to_the_grids_they_promise():
-    ranks = ["1", "16", "2", "32", "4", "64", "8"]
+    ranks = ["1", "16", "4", "64"]
     rank = grid("+sweep=rank")  # an adaptive sweep: its first round
-    assert len(rank) == 21 and values(rank, "method.r") == ranks and values(rank, "train.seed") == ["0", "1", "2"]
+    assert len(rank) == 12 and values(rank, "method.r") == ranks and values(rank, "train.seed") == ["0", "1", "2"]
     assert values(grid("+sweep=quick"), "method.r") == ["1", "64", "8"]
     alpha = grid("+sweep=alpha")
     assert len(alpha) == 42 and values(alpha, "+scaling") == ["fixed", "ratio_1", "ratio_2", "ratio_4", "ratio_half", "rslora"]
@@ -220,7 +220,7 @@ def test_presets_expand_to_the_grids_they_promise():
     advisor = grid("+sweep=advisor")
     assert len(advisor) == 6 and values(advisor, "method.rank_pattern") == ["advised_sst2_minilm_l6_qv_r8", "null"]
     seeded = grid("+sweep=[rank,seeds]", "hydra.sweeper.adaptive=false")  # the adaptive sweep picks its own seeds
-    assert len(seeded) == 21 and values(seeded, "train.seed") == ["0", "1", "2"]
+    assert len(seeded) == 12 and values(seeded, "train.seed") == ["0", "1", "2"]
     assert values(grid("+sweep=rank", sweep_args=("method.r=4,8",)), "method.r") == ["4", "8"]  # the command line wins
 
 
