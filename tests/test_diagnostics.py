@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.diagnostics import _phi
+from analysis.diagnostics import _phi, spectrum_vs_rank
 from lora_sweep import adapters, diagnostics
 from lora_sweep.settings import MethodSettings
 from tests.conftest import tiny_bert
@@ -114,3 +114,13 @@ def test_phi_pairs_only_the_chosen_configuration_of_each_rank_and_keeps_the_spre
     seeds = top.loc["r=8: seed vs seed"]
     assert seeds["pairs"] == 3  # 3 seeds of the chosen configuration: C(3, 2), not C(5, 2)
     assert seeds["phi_low"] < seeds["phi"] < seeds["phi_high"]
+
+
+def test_spectrum_against_rank_curve_gives_the_exact_permutation_p_value():
+    """Four ranks in perfect order: ρ = 1, and exactly 2 of the 4! orderings are as extreme (p = 1/12); scipy's t
+    approximation would say p = 0.00."""
+    ranks_table = pd.DataFrame({"method": ["full"], "run_id": ["f"]})
+    curve = pd.DataFrame({"run_id": "f", "module": "q", "k": [1, 4, 16, 64], "share": [0.2, 0.4, 0.6, 0.8]})
+    points = pd.DataFrame({"r": [1, 4, 16, 64], "primary_value_mean": [0.70, 0.71, 0.72, 0.73]})
+    found = spectrum_vs_rank(ranks_table, curve, ["q"], points)
+    assert found["rho"] == pytest.approx(1.0) and found["p"] == pytest.approx(2 / 24) and found["n"] == 4
