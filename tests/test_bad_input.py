@@ -65,6 +65,11 @@ def done_records(tmp_path: Path) -> list[dict]:
     (["+method.rank=32", "method.r=1,2", "-m"], "error: method.rank is not a setting; known: method.name, method.lr, method.r, method.alpha, "),
     (["train.seed=-1"], "train.seed=-1 must be between 0 and 2**32 - 1"),
     (["train.seed=0,4294967296", "-m"], "train.seed=4294967296 must be between 0 and 2**32 - 1"),
+    (["train.batching=shuffled"], "train.batching='shuffled' is not allowed; use sorted, random, grouped"),
+    (["train.min_micro_batch=0"], "train.min_micro_batch=0 must be between 1 and train.batch_size=32"),
+    (["train.min_micro_batch=33"], "train.min_micro_batch=33 must be between 1 and train.batch_size=32"),
+    (["train.curve_points=[0.5,0.25]"], "train.curve_points=[0.5, 0.25] must be increasing fractions of the budget in (0, 1)"),
+    (["train.curve_points=[0.5,1.5]"], "train.curve_points=[0.5, 1.5] must be increasing fractions of the budget in (0, 1)"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, capsys, monkeypatch, overrides, message):
     """Bad values, unknown options (with the allowed ones named), wrong types, an unreachable hub."""

@@ -27,6 +27,8 @@ def test_ctrl_c_during_a_run_is_one_line_exit_130_and_no_record(tmp_path, tiny_b
         signal.raise_signal(signal.SIGINT)  # what the terminal sends on Ctrl-C, in the middle of training
 
     monkeypatch.setattr(experiment, "fit", interrupted)
+    # A single run starts no worker; the test process may hold other tests' children (Ray's), which are not this run's to stop.
+    monkeypatch.setattr(cli.multiprocessing, "active_children", lambda: [])
     monkeypatch.setattr(sys, "argv", ["lora-sweep", f"model.name_or_path={tiny_bert_dir}", f"results_dir={tmp_path / 'runs'}",
                                       f"cache_dir={tmp_path / 'cache'}", "train.max_steps=3", *TINY])
     with pytest.raises(SystemExit) as exit_info:
