@@ -1,6 +1,7 @@
 """Sweeps: presets expand to the grids they promise; baselines are shared; resume, parallel and concurrent runs lose nothing."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -112,14 +113,19 @@ def test_two_processes_writing_one_folder_lose_nothing(tmp_path, tiny_bert_dir):
 
 
 def test_a_sweep_with_a_failing_run_finishes_the_others_and_exits_1(tmp_path, tiny_bert_dir):
-    """train.max_seq_len=256 passes every check but fails at the first step: the tiny model has 128 positions."""
+    """A model folder whose config.json promises 512 positions while its weights hold 128 passes every check (they
+    read the config and the weights' header) but fails when the run loads its weights."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
     glue = tmp_path / "glue" / "SST-2"
     glue.mkdir(parents=True)
     rows = "".join(f"{'a long sentence ' * 100 if i % 4 == 0 else 'short'}\t{i % 2}\n" for i in range(16))
     for name in ("train.tsv", "dev.tsv"):
         (glue / name).write_text("sentence\tlabel\n" + rows)
     result = sweep(tmp_path, tiny_bert_dir, f"task.data_dir={tmp_path / 'glue'}", "task.tune_examples=4",
-                   "pair_baseline=false", "train.max_seq_len=32,256")
+                   "pair_baseline=false", f"model.name_or_path={tiny_bert_dir},{broken}")
     assert result.returncode == 1, result.stderr[-3000:]
     found = load(tmp_path / "runs")
     assert sorted(r["status"] for r in found.values()) == ["done", "failed"]
@@ -181,7 +187,7 @@ def test_bad_sweeps_stop_before_any_training(tmp_path, tiny_bert_dir, overrides,
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': advisor, alpha, glue"),
+    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': advisor, alpha, batching, glue"),
     (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'; Available options in 'hydra/launcher': basic, joblib, local"),
 ])
 def test_unknown_preset_or_launcher_is_refused(tmp_path, tiny_bert_dir, overrides, message):
