@@ -1,5 +1,5 @@
 """What an adaptive rank sweep saves against the fixed grid at max_seeds seeds, and how often both give the same
-answer: in simulation with the committed records' noise (analysis/simulation.py), and on a real adaptive sweep when
+answer: in simulation with the committed records' noise (lora_sweep/analysis/simulation.py), and on a real adaptive sweep when
 its results folder holds one (adaptive_sweep.json beside the records).
 
 Scenarios (ranks 1..64; every one simulated --sims times, the adaptive sweep and the grid on the same draws):
@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import adaptive, simulation  # noqa: E402
-from analysis.load import load_records  # noqa: E402
-from analysis.simulation import Noise  # noqa: E402
+from lora_sweep.analysis import adaptive, simulation  # noqa: E402
+from lora_sweep.analysis.load import load_records  # noqa: E402
+from lora_sweep.analysis.simulation import Noise  # noqa: E402
 
 
 def scenarios(measured: simulation.Measured, rng: np.random.Generator) -> dict[str, list[tuple[list[float], Noise]]]:

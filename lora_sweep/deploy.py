@@ -302,8 +302,8 @@ def measure(record: dict[str, Any], runs_dir: Path, all_records: list[dict[str, 
 def default_run(runs_dir: Path) -> tuple[str, str]:
     """The seed-0 run of the rank the analysis recommends or, where it recommends none, of the rank with the best
     estimate against full FT (the largest Δ); returns its run id and why it was chosen."""
-    from analysis.load import load_records
-    from analysis.tables import aggregate, compare_ranks, recommend
+    from lora_sweep.analysis.load import load_records
+    from lora_sweep.analysis.tables import aggregate, compare_ranks, recommend
 
     df, _ = load_records(runs_dir)
     agg = aggregate(df)

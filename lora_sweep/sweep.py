@@ -164,7 +164,7 @@ def _check_writable(folder: str) -> None:
 
 def finish(sweep: Sweep) -> int:
     """Print the sweep's table (measure deployment and write the analysis if asked); return the exit status: 1 if a run failed or left no record."""
-    from analysis import report, tables
+    from lora_sweep.analysis import report, tables
     from lora_sweep import deploy, records
 
     later = adaptive_sweeper.launched_run_ids(sweep.sweep_dir) if sweep.sweep_dir else []  # an adaptive sweep's later rounds

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import adaptive, simulation, stats
-from analysis.simulation import Noise
+from lora_sweep.analysis import adaptive, simulation, stats
+from lora_sweep.analysis.simulation import Noise
 from hydra_plugins.lora_sweep_adaptive.sweeper import AdaptiveSettings
 from lora_sweep.errors import UserError
 

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import curves, report, stats, tables
-from analysis.load import load_records
+from lora_sweep.analysis import curves, report, stats, tables
+from lora_sweep.analysis.load import load_records
 from lora_sweep import experiment, identity, records
 from lora_sweep.errors import UserError
 from lora_sweep.settings import compose
@@ -465,7 +465,7 @@ def test_empty_or_missing_folder_gives_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no results folder"):
         load_records(tmp_path / "nowhere")
     (tmp_path / "runs").mkdir()
-    result = subprocess.run([sys.executable, "-m", "analysis.cli", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "lora_sweep.analysis.cli", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: no readable run records in {tmp_path / 'runs'}"]
 

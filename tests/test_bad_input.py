@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from analysis import cli as analysis_cli
+from lora_sweep.analysis import cli as analysis_cli
 from lora_sweep import cli, deploy, estimate_cli, experiment, records, settings
 
 QUICK = ["train.max_steps=2", "task.max_train_examples=64", "task.max_eval_examples=32", "train.save_adapter=false"]

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from analysis import report
+from lora_sweep.analysis import report
 from lora_sweep import adapters, deploy, experiment, records
 from lora_sweep.settings import MethodSettings, compose
 from tests.conftest import tiny_bert

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.diagnostics import _phi, spectrum_vs_rank
+from lora_sweep.analysis.diagnostics import _phi, spectrum_vs_rank
 from lora_sweep import adapters, diagnostics
 from lora_sweep.settings import MethodSettings
 from tests.conftest import tiny_bert
@@ -83,7 +83,7 @@ def _full_ft_tables(shapes: dict[str, tuple[int, int]], energy: dict[str, float]
 
 
 def test_the_advisor_meets_the_uniform_budget_exactly_and_gives_rank_where_the_energy_is():
-    from analysis.diagnostics import adapter_parameters, advise
+    from lora_sweep.analysis.diagnostics import adapter_parameters, advise
 
     shapes = {"l0.q": (384, 384), "l1.q": (384, 384), "l0.up": (1536, 384), "l1.up": (1536, 384), "l0.down": (384, 1536)}
     energy = {"l0.q": 10.0, "l1.q": 1.0, "l0.up": 1.0, "l1.up": 1.0, "l0.down": 3.0}

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import report
+from lora_sweep.analysis import report
 from lora_sweep import adapters, experiment, instruct, records
 from lora_sweep.errors import UserError
 from lora_sweep.settings import compose

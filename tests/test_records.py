@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis import cli as analysis_cli
-from analysis import report
+from lora_sweep.analysis import cli as analysis_cli
+from lora_sweep.analysis import report
 from lora_sweep import experiment, files, records
 from lora_sweep.settings import compose
 

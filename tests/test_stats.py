@@ -1,4 +1,4 @@
-"""analysis.stats: the vectorised metrics against scikit-learn and scipy, the paired interval's coverage of a known
+"""lora_sweep.analysis.stats: the vectorised metrics against scikit-learn and scipy, the paired interval's coverage of a known
 difference on simulated runs, and the non-inferiority verdicts."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from scipy import stats as st
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from analysis import stats
-from analysis.stats import differs, non_inferiority, paired_difference
+from lora_sweep.analysis import stats
+from lora_sweep.analysis.stats import differs, non_inferiority, paired_difference
 
 N = 300
 

@@ -3,7 +3,7 @@ sweepers' pattern): every round goes through `self.launcher.launch`, so joblib, 
 unchanged, and nothing here schedules a job.
 
 Round 1 runs every grid point at the initial seeds. After each round the records of the sweep's runs are read
-and analysis.adaptive gives each rank its sequential verdict; only the grid points of open ranks that can still
+and lora_sweep.analysis.adaptive gives each rank its sequential verdict; only the grid points of open ranks that can still
 change the answer (the smallest rank within the margin of full FT, or "none") get the next seed, and each LoRA
 run brings its seed's full-FT baseline (experiment.run). The sweep stops when the answer is decided, when no
 rank left open could be settled by max_seeds, at max_seeds, at the time limit, or after a round with a failed run
@@ -192,7 +192,7 @@ class _Rounds:
             "rounds": [], "groups": [], "stopped": "running", "run_ids": []}
 
     def run(self) -> list[Sequence[Any]]:
-        from analysis import adaptive
+        from lora_sweep.analysis import adaptive
 
         returns, job_idx = [], 0
         active = list(range(len(self.grid.points)))
@@ -252,8 +252,8 @@ class _Rounds:
     def _decide(self) -> tuple[list[dict[str, Any]], list[str]]:
         """Every group's verdicts and answer from the records of the sweep's runs so far, and the runs that failed
         or left no record."""
-        from analysis import adaptive
-        from analysis.load import load_records
+        from lora_sweep.analysis import adaptive
+        from lora_sweep.analysis.load import load_records
         from lora_sweep import records
 
         ids = self.log["run_ids"]
@@ -281,7 +281,7 @@ class _Rounds:
         return self.settings.max_minutes is not None and time.time() - self.started > 60 * self.settings.max_minutes
 
     def _write_log(self) -> None:
-        from analysis import adaptive
+        from lora_sweep.analysis import adaptive
 
         adaptive.write_log(self.sweep_dir / adaptive.LOG_NAME, self.log)
         adaptive.write_log(adaptive.log_path(self.results_dir), self.log)
@@ -295,7 +295,7 @@ class _Rounds:
 
 
 def _alpha() -> float:
-    from analysis import stats
+    from lora_sweep.analysis import stats
 
     return stats.SEQUENTIAL_ALPHA
 
@@ -311,7 +311,7 @@ def _count_jobs(sweep_dir: Path, jobs: int) -> None:
 
 def launched_run_ids(sweep_dir: str | Path) -> list[str]:
     """The runs an adaptive sweep asked for in all its rounds, baselines first (empty if it logged none)."""
-    from analysis import adaptive
+    from lora_sweep.analysis import adaptive
 
     log = adaptive.read_log(Path(sweep_dir) / adaptive.LOG_NAME)
     return list(log["run_ids"]) if log else []

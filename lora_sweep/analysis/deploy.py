@@ -9,7 +9,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis.plots import save
+from lora_sweep.analysis.plots import save
 from lora_sweep import records
 from lora_sweep.metrics import metric_info
 

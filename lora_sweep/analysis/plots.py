@@ -14,11 +14,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 matplotlib.rcParams["svg.fonttype"] = "none"  # keep text as text in SVG: searchable, and checked by the tests
+matplotlib.rcParams["svg.hashsalt"] = "lora-sweep"  # SVG element ids from a fixed salt, not a random one
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.tables import oriented, tuned  # noqa: E402
+from lora_sweep.analysis.tables import oriented, tuned  # noqa: E402
 from lora_sweep.estimate import GIB  # noqa: E402
 from lora_sweep.metrics import metric_info  # noqa: E402
 
@@ -29,8 +30,8 @@ FULL_COLOR = "black"
 def save(fig, folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    for suffix in ("png", "svg"):
-        fig.savefig(folder / f"{name}.{suffix}", dpi=130)
+    for suffix in ("png", "svg"):  # no date, fixed element ids: the same analysis gives the same bytes
+        fig.savefig(folder / f"{name}.{suffix}", dpi=130, metadata={"Date": None})
     plt.close(fig)
     return folder / f"{name}.png"
 
@@ -185,7 +186,7 @@ def loss_curves(runs: pd.DataFrame, title, folder, name) -> Path:
 
 def learning_curves(gaps: pd.DataFrame, margin: float, title: str, metric: str, folder: Path, name: str) -> Path:
     """Left: the tuning metric against optimizer steps per rank, full FT in black. Right: the paired LoRA − full FT
-    difference on the tuning split with its 95 % interval at each checkpoint, and the margin (analysis/curves.py)."""
+    difference on the tuning split with its 95 % interval at each checkpoint, and the margin (lora_sweep/analysis/curves.py)."""
     _, label = view(metric)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     ranks = sorted(gaps["r"].unique())

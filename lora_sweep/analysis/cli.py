@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a model preset (e.g. llama3_1_8b): add the estimated memory and step time on that model for "
                              "the recommended rank (the 'At your scale' section)")
     args = parser.parse_args(argv)
-    from analysis import report
+    from lora_sweep.analysis import report
 
     try:
         if args.tolerance is not None and not args.tolerance > 0:  # NaN too

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from analysis import stats
-from analysis.load import load_records
+from lora_sweep.analysis import stats
+from lora_sweep.analysis.load import load_records
 from lora_sweep.metrics import metric_info
 
 # Shown beside a configuration; taken from its first run (the configuration id already says they agree).

@@ -3,7 +3,7 @@
 
 For one context (model, task, budget) and targets preset, the answer is the smallest rank that qualifies
 (non-inferior to full FT within the margin ε), or "none" when every rank is worse. Ranks are judged with the
-sequential test of analysis/stats.py (`sequential_status`), so a verdict reached at any look keeps its error bound.
+sequential test of lora_sweep/analysis/stats.py (`sequential_status`), so a verdict reached at any look keeps its error bound.
 
 - A qualifying rank r* makes every open rank above it irrelevant: it cannot change the answer. Open ranks below r*
   can (one of them may qualify too); with no qualifying rank yet, every open rank can.
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from analysis import stats
+from lora_sweep.analysis import stats
 
 QUALIFIES, WORSE, OPEN = "qualifies", "worse", "open"
 LOG_NAME = "adaptive_sweep.json"  # beside the records folder (as report.md), and in the sweep's own folder
@@ -52,7 +52,7 @@ def answer(verdicts: Mapping[int, str], resolvable: Mapping[int, bool] | None = 
 def decide(df: pd.DataFrame, margin: float | None, initial_seeds: int, max_seeds: int) -> list[dict[str, Any]]:
     """The verdict of every rank and the answer of every context and targets preset of the runs in `df` (as
     analysis.load reads them); each rank is the configuration chosen on the tuning split (analysis.tables)."""
-    from analysis import tables
+    from lora_sweep.analysis import tables
 
     agg = tables.aggregate(df)
     if agg.empty or not (agg["method"] == "lora").any():
@@ -153,7 +153,7 @@ def section(records_dir: str | Path) -> list[str]:
              f"An adaptive sweep ({s['initial_seeds']} seeds for every rank first, then one seed per round, at most "
              f"{s['max_seeds']}): after each round every rank's paired difference from full FT was tested at that "
              f"look's share of the error (O'Brien–Fleming-type spending, {100 * s['alpha']:g} % one-sided for each of "
-             "'qualifies' and 'worse' over all looks; analysis/stats.py), and only open ranks that could still change "
+             "'qualifies' and 'worse' over all looks; lora_sweep/analysis/stats.py), and only open ranks that could still change "
              f"the answer, and be settled by {s['max_seeds']} seeds, got the next seed. It stopped: {log['stopped']}.", "",
              "| round | seeds | ran | why | verdicts after the round |", "|---|---|---|---|---|"]
     for entry in log["rounds"]:

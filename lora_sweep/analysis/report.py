@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import adaptive, curves, deploy, diagnostics, plots
-from analysis.load import IN_MEMORY_ONLY, load_records
-from analysis.tables import aggregate, compare_batching, compare_ranks, formatted, recommend, run_flags, tuned
+from lora_sweep.analysis import adaptive, curves, deploy, diagnostics, plots
+from lora_sweep.analysis.load import IN_MEMORY_ONLY, load_records
+from lora_sweep.analysis.tables import aggregate, compare_batching, compare_ranks, formatted, recommend, run_flags, tuned
 from lora_sweep.estimate import GIB
 
 
@@ -60,7 +60,7 @@ METHOD_NOTE = (
     "split carved from the training data; the eval split is only reported. Δ is LoRA minus full FT on the eval split "
     "(positive: LoRA better), paired by seed and example; its 95% interval combines the between-seed variance of the "
     "per-seed differences with a paired bootstrap over eval examples (metric recomputed on each resample) through a "
-    "Welch–Satterthwaite t interval (analysis/stats.py). A rank qualifies when the interval's low end is above −margin; "
+    "Welch–Satterthwaite t interval (lora_sweep/analysis/stats.py). A rank qualifies when the interval's low end is above −margin; "
     "with one seed training noise is unknown and nothing qualifies. `*` in 'vs next lower rank': the two ranks differ "
     "significantly.")
 
@@ -189,7 +189,7 @@ def _batching(df: pd.DataFrame, agg: pd.DataFrame, tables_dir: Path) -> list[str
 def _learning_curves(runs: pd.DataFrame, ranks: pd.DataFrame, title: str, metric: str, slug: str, tables_dir: Path,
                      plots_dir: Path, out: Path) -> list[str]:
     """The learning-curve section of one task and model: the gap to full FT at each checkpoint, its trend, and
-    whether the tuning metric was still rising at the end (analysis/curves.py)."""
+    whether the tuning metric was still rising at the end (lora_sweep/analysis/curves.py)."""
     gaps = curves.gaps(runs, ranks)
     if gaps.empty:
         return []

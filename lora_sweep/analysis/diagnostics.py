@@ -24,7 +24,7 @@ import yaml
 from peft import PeftModel
 from scipy import stats as scipy_stats
 
-from analysis import plots, tables
+from lora_sweep.analysis import plots, tables
 from lora_sweep import adapters, diagnostics, records
 from lora_sweep.metrics import metric_info
 from lora_sweep.experiment import family_of
@@ -348,7 +348,7 @@ def _advisor(ranks, spectra, lora, agg, df, out, slug) -> list[str]:
         verdict = "better" if result.low > 0 else "worse" if result.high < 0 else "not distinguishable at these seeds"
         lines += [f"Advised ({row['targets']}, {int(row['params_adapter_mean']):,} adapter parameters) against uniform r={ADVISE_R} "
                   f"({int(base.iloc[0]['params_adapter_mean']):,}): Δ = {result.delta:+.2f} [{result.low:+.2f}, {result.high:+.2f}] "
-                  f"{row['primary_unit']} (paired over {result.n_seeds} seeds and the eval examples, analysis/stats.py): {verdict}.", ""]
+                  f"{row['primary_unit']} (paired over {result.n_seeds} seeds and the eval examples, lora_sweep/analysis/stats.py): {verdict}.", ""]
     if advised.empty:
         lines += [f"No advised run yet: `lora-sweep +sweep=advisor` trains it against uniform r={ADVISE_R} at the same budget over 3 seeds.", ""]
     return lines

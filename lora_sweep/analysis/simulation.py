@@ -3,7 +3,7 @@
 
 One rank's paired per-seed differences from full FT (display units) are drawn as Δ_s = μ + c + b_s: c ~ N(0,
 v_shared) is the eval set's draw, the same at every seed and every look; b_s ~ N(0, v_seed) is the seed's. What the
-harness estimates at n seeds (analysis/stats.py) is then V_seed = var_s(Δ_s) / n and V_ex = v_shared + v_flip / n
+harness estimates at n seeds (lora_sweep/analysis/stats.py) is then V_seed = var_s(Δ_s) / n and V_ex = v_shared + v_flip / n
 (its bootstrap over examples, v_flip being the part of the example noise that changes with the seed). Every verdict
 is the harness's own: stats.sequential_status for the adaptive sweep, the 95 % interval for the fixed grid, and
 adaptive.answer for what a sweep concludes.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import adaptive, stats
+from lora_sweep.analysis import adaptive, stats
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ class Measured:
 def measure(records_dir: str | Path) -> Measured:
     """Read each rank's paired result against full FT from the records (analysis.tables), and the variance
     components pooled over ranks: v_seed from the per-seed differences, V_ex at all seeds and at each single seed."""
-    from analysis import tables
-    from analysis.load import load_records
+    from lora_sweep.analysis import tables
+    from lora_sweep.analysis.load import load_records
 
     df, _ = load_records(records_dir)
     agg = tables.aggregate(df)

@@ -2,7 +2,7 @@
 
 Every run evaluates its tuning split at a few fractions of its budget (train.curve_points) and at the end. For each
 rank chosen on the tuning split (analysis/tables.compare_ranks) this gives, at every checkpoint, the paired
-LoRA − full FT difference with its interval (the same paired test as the verdict, analysis/stats.py, on the
+LoRA − full FT difference with its interval (the same paired test as the verdict, lora_sweep/analysis/stats.py, on the
 tuning split's examples and the seeds both have), and the tuning metric's change over the last stretch of training.
 It is a diagnostic: the choice of rank is made, and the verdict reported, as before (never from these curves on
 the eval split).
@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis import stats
-from analysis.tables import as_array, ci95
+from lora_sweep.analysis import stats
+from lora_sweep.analysis.tables import as_array, ci95
 from lora_sweep.metrics import metric_info
 
 
