@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from transformers import AutoTokenizer, set_seed
 
-from lora_sweep import adapters, batching, data, distributed, experiment
+from lora_sweep import adapters, batching, data, distributed, experiment, runtime
 from lora_sweep.settings import MethodSettings, Settings, TrainSettings, compose
 from lora_sweep.train import TrainResult, fit, optimizer_for
 
@@ -70,8 +70,9 @@ def setup(steps: int, threads: int, overrides: list[str] = ()) -> Bench:
     memory probe off, set torch's threads (0 = all cores), and load the tokens (cached after the first call)."""
     settings = compose(f"train.max_steps={steps}", "train.memory_probe=false", "train.save_adapter=false",
                        "pair_baseline=false", *overrides)
+    runtime.quiet_libraries()
     p = experiment.plan(settings)
-    n_threads = experiment.resolve_threads(threads)
+    n_threads = runtime.resolve_threads(threads)
     torch.set_num_threads(n_threads)
     s = settings
     tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)

@@ -17,7 +17,7 @@ import torch
 
 import common
 
-from lora_sweep import deploy, experiment, records
+from lora_sweep import deploy, experiment, records, runtime
 
 
 def show(name: str, summary: dict[str, float], fmt: str = ".3f") -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: all cores)")
     args = parser.parse_args()
     runs_dir = Path(args.results_dir) / "runs"
-    torch.set_num_threads(experiment.resolve_threads(args.threads))
+    torch.set_num_threads(runtime.resolve_threads(args.threads))
     rid, why = (args.run, "requested") if args.run else deploy.default_run(runs_dir)
     all_records = [r for r in (records.read_record(runs_dir, p.stem) for p in sorted(runs_dir.glob("*.json"))) if r]
     record = records.read_record(runs_dir, rid)

@@ -53,7 +53,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import common
 from lora_sweep import adapters, estimate, memory
-from lora_sweep.experiment import family_of
+from lora_sweep.task_family import family_for
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import CONF_DIR, compose
 
@@ -163,7 +163,7 @@ def config_folder(check: Check, name: str) -> Path:
 def random_model(settings, device: str, dtype: torch.dtype) -> torch.nn.Module:
     """The model a run of `settings` trains, with random weights drawn directly on `device` in `dtype` (no file read):
     the family's own loader gives the class and config (head included), as for lora-estimate."""
-    meta = family_of(settings).load_model(settings.model.name_or_path, settings, meta=True)
+    meta = family_for(settings).load_model(settings.model.name_or_path, settings, meta=True)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -213,7 +213,7 @@ def train_steps(check: Check, settings, method, shape: tuple[int, int], precisio
     exists), torch.cuda.max_memory_allocated covers that step and the timed ones."""
     device, (warmup, timed) = check.device, steps
     weights = torch.bfloat16 if precision == "bf16" else torch.float32
-    model, _ = adapters.apply_method(random_model(settings, device, weights), method, family_of(settings).TASK_TYPE)
+    model, _ = adapters.apply_method(random_model(settings, device, weights), method, family_for(settings).TASK_TYPE)
     autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16_autocast" else nullcontext()
     step, optimizer = common.synthetic_step(model, method, settings, shape, device, autocast)
     params = [p for p in model.parameters() if p.requires_grad]

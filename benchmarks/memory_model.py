@@ -35,7 +35,7 @@ import torch
 
 import common
 from lora_sweep import adapters, estimate, memory
-from lora_sweep.experiment import family_of
+from lora_sweep.task_family import family_for
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import Settings, compose
 from lora_sweep.train import optimizer_for
@@ -63,7 +63,7 @@ def settings_for(name: str, overrides: tuple[str, ...], cache_dir: str, *extra: 
 def measure(settings: Settings, batch: int, seq: int, device: str) -> dict:
     """One probed optimizer step (the second) of the model a run trains, on synthetic ids of length `seq`; bf16 weights
     and gradient checkpointing as estimate.precision and estimate.gradient_checkpointing ask (part 1c)."""
-    family = family_of(settings)
+    family = family_for(settings)
     torch.manual_seed(0)
     model = family.load_model(resolve_model(settings.model.name_or_path, settings.cache_dir), settings)
     model = model.to(device, estimate.PRECISIONS[settings.estimate.resolved_precision].weight_dtype)
@@ -164,7 +164,7 @@ def part_time(cache_dir: str) -> None:
                                         ("smollm2", ("method.r=8",), 4, 64)):
         s = settings_for(name, overrides, cache_dir)
         method = s.method if s.method.name == "lora" else s.baseline
-        family = family_of(s)
+        family = family_for(s)
         model = family.load_model(resolve_model(s.model.name_or_path, s.cache_dir), s)
         model, _ = adapters.apply_method(model, method, family.TASK_TYPE)
         model.train()

@@ -10,6 +10,7 @@ layer, (vocab + hidden) to an embedding and (c_in * kernel + c_out) to a convolu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -70,7 +71,8 @@ class ParamCounts:
     head: int  # task head parameters that are trained
 
 
-def family_of(model: nn.Module) -> str:
+def architecture_of(model: nn.Module) -> str:
+    """The model's architecture family (a key of PRESETS): which names its target presets and its task head have."""
     model_type = model.config.model_type
     if model_type not in FAMILY_OF_MODEL_TYPE:
         raise UserError(f"model type {model_type!r} has no target presets; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}")
@@ -109,7 +111,7 @@ def width(module: nn.Module) -> int:
 
 def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     """Full names of the modules a preset or explicit list selects; a clear error if it selects none."""
-    family = family_of(model)
+    family = architecture_of(model)
     candidates = adaptable_modules(model, family)
     if targets == "all_linear":
         chosen = [name for name, module in candidates.items() if isinstance(module, nn.Linear)]
@@ -190,32 +192,55 @@ def _init_value(init: str) -> bool | str:
     return {"true": True, "false": False}.get(lowered, lowered)
 
 
+@dataclass(frozen=True)
+class LoraPlan:
+    """What a LoRA run trains, resolved once against the model's modules (resolve_lora)."""
+
+    method: MethodSettings  # as trained: `r` with match_budget folded in, `rank_pattern` the per-module ranks or None
+    targets: list[str]  # full names of the adapted modules
+    ranks: dict[str, int]  # every adapted module's rank
+
+    def alphas(self) -> dict[str, float]:
+        """Each module's alpha, keeping the uniform run's scale per direction: alpha / r, or alpha / sqrt(r) under rsLoRA."""
+        m = self.method
+        return {name: m.effective_alpha * (math.sqrt(rank / m.r) if m.use_rslora else rank / m.r) for name, rank in self.ranks.items()}
+
+
+def resolve_lora(model: nn.Module, method: MethodSettings) -> LoraPlan:
+    """The one decision of what a LoRA run trains: its rank (method.match_budget resolved), its targets (checked), and
+    every module's rank (method.rank_pattern resolved). Works on a meta-device model; resolving a resolved method
+    gives it back unchanged, so the plan, the adapter, the estimate and the record all read the same answer."""
+    if method.match_budget:
+        method = dataclasses.replace(method, r=budget_rank(model, method), match_budget=None)
+    targets = check_lora(model, method)
+    pattern = resolve_rank_pattern(model, method, targets)
+    method = dataclasses.replace(method, rank_pattern=pattern)
+    return LoraPlan(method, targets, pattern or dict.fromkeys(targets, method.r))
+
+
 def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tuple[nn.Module, list[str]]:
     """Wrap `model` for the method; returns it and the names of the adapted matrices (empty for full FT)."""
     if method.name == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model, []
-    family = family_of(model)
-    targets = check_lora(model, method)
-    ranks = resolve_rank_pattern(model, method, targets) or {}
+    plan = resolve_lora(model, method)
+    m, patterned = plan.method, plan.method.rank_pattern or {}
     config = LoraConfig(
         task_type=task_type,
-        r=method.r,
-        lora_alpha=method.effective_alpha,
-        lora_dropout=method.dropout,
-        target_modules=targets,
-        use_rslora=method.use_rslora,
-        use_dora=method.use_dora,
-        init_lora_weights=_init_value(method.init),
-        modules_to_save=HEADS[family] or None,
-        # full names, anchored by PEFT's matcher; each module keeps the uniform run's scale per direction:
-        # alpha / r, or alpha / sqrt(r) under rsLoRA
-        rank_pattern={re.escape(name): rank for name, rank in ranks.items()},
-        alpha_pattern={re.escape(name): method.effective_alpha * (math.sqrt(rank / method.r) if method.use_rslora else rank / method.r)
-                       for name, rank in ranks.items()},
+        r=m.r,
+        lora_alpha=m.effective_alpha,
+        lora_dropout=m.dropout,
+        target_modules=plan.targets,
+        use_rslora=m.use_rslora,
+        use_dora=m.use_dora,
+        init_lora_weights=_init_value(m.init),
+        modules_to_save=HEADS[architecture_of(model)] or None,
+        # full names, anchored by PEFT's matcher
+        rank_pattern={re.escape(name): rank for name, rank in patterned.items()},
+        alpha_pattern={re.escape(name): alpha for name, alpha in plan.alphas().items() if name in patterned},
     )
-    return get_peft_model(model, config), targets
+    return get_peft_model(model, config), plan.targets
 
 
 def count_parameters(model: nn.Module, base_total: int, method: str) -> ParamCounts:
@@ -223,7 +248,7 @@ def count_parameters(model: nn.Module, base_total: int, method: str) -> ParamCou
     named = list(model.named_parameters())
     trainable = sum(p.numel() for _, p in named if p.requires_grad)
     if method == "full":
-        family = family_of(model)
+        family = architecture_of(model)
         head = sum(p.numel() for n, p in named if _is_head(n.rsplit(".", 1)[0], family))
         return ParamCounts(total=base_total, trainable=trainable, adapter=0, head=head)
     adapter = sum(p.numel() for n, p in named if p.requires_grad and "lora_" in n)

@@ -36,8 +36,9 @@ def _parallel_jobs() -> int:
 
 @hydra.main(version_base="1.3", config_path=settings_module.CONF_DIR, config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    from lora_sweep import experiment  # heavy imports after Hydra has parsed the command line
+    from lora_sweep import experiment, runtime  # heavy imports after Hydra has parsed the command line
 
+    runtime.quiet_libraries()  # here too: a launcher may run this job in a process of its own
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         with file_errors():

@@ -31,11 +31,12 @@ from peft import LoraConfig, PeftModel
 from peft.utils.hotswap import check_hotswap_configs_compatible, hotswap_adapter
 from transformers import AutoTokenizer
 
-from lora_sweep import adapters, batching, data, experiment, records, timing
+from lora_sweep import adapters, batching, data, experiment, records, runtime, timing
 from lora_sweep.distributed import make_accelerator
 from lora_sweep.errors import UserError, file_errors
 from lora_sweep.evaluation import predict
 from lora_sweep.settings import Settings
+from lora_sweep.task_family import TaskFamily
 
 BATCH_SIZES = (1, 32)
 LATENCY_BATCHES = {1: 8, 32: 1}  # real eval batches timed per repeat, spread over the length-sorted eval split
@@ -49,8 +50,8 @@ class Served:
 
     record: dict[str, Any]
     settings: Settings
-    family: Any  # the task family's module (lora_sweep.glue, ...)
-    kind: str  # the architecture family (adapters.family_of): which modules are the task head
+    family: TaskFamily
+    kind: str  # the architecture family (adapters.architecture_of): which modules are the task head
     model_path: str
     dev: Any  # the tokenized eval split, in the record's order
     collate: Callable
@@ -74,7 +75,7 @@ def serve(record: dict[str, Any], runs_dir: Path, cache_dir: str) -> Served:
     s = p.settings
     tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
     tokens, _ = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
-    kind = adapters.family_of(p.family.load_model(p.model_path, s, meta=True))
+    kind = adapters.architecture_of(p.family.load_model(p.model_path, s, meta=True))
     return Served(record, s, p.family, kind, p.model_path, tokens["dev"], p.family.collator(tokenizer), runs_dir)
 
 
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: all cores)")
     parser.add_argument("--cache-dir", default=".cache/lora_sweep", help="token cache and converted models (default: .cache/lora_sweep)")
     args = parser.parse_args(argv)
+    runtime.quiet_libraries()
     try:
         with file_errors():
             sys.exit(deploy(Path(args.results_dir), args.run, args.repeats, args.threads, args.cache_dir))
@@ -350,7 +352,7 @@ def deploy(results_dir: Path, run_ids: list[str], repeats: int, threads: int, ca
     if repeats < 2:
         raise UserError(f"--repeats={repeats} gives no spread; use 2 or more")
     runs_dir = results_dir / "runs"
-    torch.set_num_threads(experiment.resolve_threads(threads))
+    torch.set_num_threads(runtime.resolve_threads(threads))
     chosen = {rid: "requested" for rid in run_ids} or dict([default_run(runs_dir)])
     all_records = [r for r in (records.read_record(runs_dir, p.stem) for p in sorted(runs_dir.glob("*.json"))) if r]
     status = 0

@@ -12,7 +12,6 @@ benchmarks/memory_model.py compares the two. No constant here is fitted: each te
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from lora_sweep.errors import UserError
 from lora_sweep.flops import LAYERS, FlopModel, flop_model
 from lora_sweep.hub import resolve_model
 from lora_sweep.settings import CONF_DIR, EstimateSettings, MethodSettings, Settings
+from lora_sweep.task_family import family_for
 
 GIB = 2**30
 F32 = 4  # bytes: normalisation statistics, attention's logsumexp and the loss are kept in fp32 whatever the precision
@@ -117,13 +117,15 @@ def architecture_source(settings: Settings) -> str:
 
 def build(settings: Settings, method: MethodSettings, precision: Precision) -> nn.Module:
     """The model a run of `method` trains, on the meta device (no weights read), in the precision's weight dtype."""
-    from lora_sweep.experiment import family_of
+    model, _ = adapters.apply_method(base(settings, precision), method, family_for(settings).TASK_TYPE)
+    return model
 
-    family = family_of(settings)
-    model = family.load_model(architecture_source(settings), settings, meta=True).to(precision.weight_dtype)
+
+def base(settings: Settings, precision: Precision) -> nn.Module:
+    """The model before any method is applied, on the meta device, in the precision's weight dtype."""
+    model = family_for(settings).load_model(architecture_source(settings), settings, meta=True).to(precision.weight_dtype)
     if model.config.pad_token_id is None:  # a decoder's classification head finds each example's end by it; published configs name none
         model.config.pad_token_id = 0
-    model, _ = adapters.apply_method(model, method, family.TASK_TYPE)
     return model
 
 
@@ -150,7 +152,7 @@ MODELLED = ("bert", "llama")  # the layer layouts whose activations are counted 
 
 def shape_of(model: nn.Module, settings: Settings, batch: int, seq: int) -> Shape:
     c = model.config
-    family = adapters.family_of(model)
+    family = adapters.architecture_of(model)
     if family not in MODELLED:
         raise UserError(f"lora-estimate models the activations of {' and '.join(MODELLED)}-style layers; "
                         f"{settings.model.name} is {c.model_type} ({family}), which it does not count")
@@ -307,8 +309,8 @@ def step_flops(model: nn.Module, s: Shape, checkpointing: bool) -> float:
 def both(settings: Settings) -> list[Estimate]:
     """The configured method and, for a LoRA method, the full FT it would be paired with."""
     method = settings.method
-    if method.name == "lora" and method.match_budget:
-        method = dataclasses.replace(method, r=adapters.budget_rank(build(settings, method, PRECISIONS["fp32"]), method), match_budget=None)
+    if method.name == "lora":
+        method = adapters.resolve_lora(base(settings, PRECISIONS["fp32"]), method).method  # the rank a run would train
     out = [estimate(settings, method)]
     if method.name == "lora":
         out.append(estimate(settings, settings.baseline))

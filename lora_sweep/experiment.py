@@ -7,45 +7,23 @@ exactly one record whatever happens (done, diverged or failed), atomically.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from transformers import AutoTokenizer, set_seed
-from transformers.utils import logging as hf_logging
 
-from lora_sweep import adapters, batching, data, distributed, forgetting, glue, identity, instruct, records
+from lora_sweep import adapters, batching, data, distributed, forgetting, identity, records
 from lora_sweep.errors import UserError, file_errors, one_line
 from lora_sweep.evaluation import evaluate_split
 from lora_sweep.hub import model_source, resolve_model
+from lora_sweep.runtime import resolve_device, resolve_threads
 from lora_sweep.settings import MethodSettings, Settings
+from lora_sweep.task_family import TaskFamily, family_for
 from lora_sweep.tracking import Tracker
 from lora_sweep.train import fit, loss_trend, total_steps
-
-FAMILIES = {"glue": glue, "instruct": instruct}
-
-hf_logging.set_verbosity_error()
-hf_logging.disable_progress_bar()  # one progress bar per run: the training loop's
-datasets.disable_progress_bars()
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def resolve_device(requested: str) -> str:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
-def resolve_threads(requested: int, parallel_jobs: int = 1) -> int:
-    """Torch threads for this process: as asked, or the cores shared out among parallel jobs."""
-    return requested or max(1, (os.cpu_count() or 1) // max(1, parallel_jobs))
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -53,7 +31,7 @@ class Plan:
 
     settings: Settings
     method: MethodSettings  # as trained: the rank resolved where method.match_budget asks for one
-    family: Any  # the task family's module (lora_sweep.glue, ...)
+    family: TaskFamily
     model_path: str
     device: str
     source: str
@@ -61,15 +39,9 @@ class Plan:
     run_id: str
 
 
-def family_of(settings: Settings):
-    if settings.task.family not in FAMILIES:
-        raise UserError(f"task family {settings.task.family!r} is unknown; use one of {', '.join(FAMILIES)}")
-    return FAMILIES[settings.task.family]
-
-
 def plan(settings: Settings) -> Plan:
     """Resolve and check everything a run needs before it trains: model, data source, device, targets and rank."""
-    family = family_of(settings)
+    family = family_for(settings)
     path = resolve_model(settings.model.name_or_path, settings.cache_dir)
     device = resolve_device(settings.train.device)
     source = family.resolve_source(settings.task)
@@ -77,11 +49,8 @@ def plan(settings: Settings) -> Plan:
     _check_positions(skeleton.config, settings)
     method, targets, ranks = settings.method, None, None
     if method.name == "lora":
-        if method.match_budget:
-            method = dataclasses.replace(method, r=adapters.budget_rank(skeleton, method), match_budget=None)
-        targets = adapters.check_lora(skeleton, method)
-        ranks = adapters.resolve_rank_pattern(skeleton, method, targets)
-        method = dataclasses.replace(method, rank_pattern=ranks)  # the resolved ranks: what apply_method trains
+        lora = adapters.resolve_lora(skeleton, method)
+        method, targets, ranks = lora.method, lora.targets, lora.method.rank_pattern
     ident = identity.experiment_identity(settings, method, targets, model_source(settings.model.name_or_path, path, settings.model.revision),
                                          family.data_identity(settings.task, source), device, ranks)
     return Plan(settings, method, family, path, device, source, ident, identity.run_id(ident))

@@ -91,11 +91,12 @@ def start(argv: list[str]) -> Sweep | None:
     """Check and prepare the sweep the command line `argv` asks for; None if it asks for no sweep.
 
     The command line is read with Hydra's own parser and composed as Hydra's multirun will compose it."""
-    from lora_sweep import experiment
+    from lora_sweep import experiment, runtime
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return None
+    runtime.quiet_libraries()
     with initialize_config_dir(config_dir=settings_module.CONF_DIR, version_base="1.3"):
         config = GlobalHydra.instance().hydra.compose_config(args.config_name or "config", args.overrides, RunMode.MULTIRUN)
         if not (args.multirun or config.hydra.mode == RunMode.MULTIRUN):  # one run: the same checks, before it starts

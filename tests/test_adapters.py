@@ -121,3 +121,29 @@ def test_a_bad_rank_pattern_is_one_error_naming_the_problem(tmp_path, content, m
         adapters.apply_method(tiny_bert(), MethodSettings(name="lora", lr=1e-3, r=4, rank_pattern=str(pattern)), "SEQ_CLS")
     with pytest.raises(UserError, match="neither a preset"):
         adapters.apply_method(tiny_bert(), MethodSettings(name="lora", lr=1e-3, r=4, rank_pattern="no_such_preset"), "SEQ_CLS")
+
+
+def test_one_resolution_of_what_a_lora_run_trains_is_idempotent_and_matches_the_trained_model():
+    """resolve_lora folds match_budget into r, or a rank pattern into per-module ranks; resolving its answer again
+    changes nothing, and the model apply_method builds has exactly those ranks and (d+k)·r parameters per module."""
+    model = tiny_bert()
+    budget = adapters.resolve_lora(model, lora(r=2, targets="qkvo", match_budget="qv"))
+    assert budget.method.r == 1 and budget.method.match_budget is None  # qkvo has twice qv's width: r 2 -> 1
+    assert budget.method.rank_pattern is None and set(budget.ranks.values()) == {1}
+    assert adapters.resolve_lora(model, budget.method) == budget
+    plan = adapters.resolve_lora(model, lora(r=2, targets="qkvo", rank_pattern={"layer.0.attention.self.query": 3}))
+    assert len(plan.targets) == LAYERS * 4 and sorted(set(plan.ranks.values())) == [2, 3]
+    assert adapters.resolve_lora(model, plan.method) == plan
+    wrapped, _ = adapters.apply_method(tiny_bert(), plan.method, "SEQ_CLS")
+    counts = adapters.count_parameters(wrapped, 0, "lora")
+    assert counts.adapter == sum((H + H) * rank for rank in plan.ranks.values())
+    assert plan.alphas()["bert.encoder.layer.0.attention.self.query"] == 1.5 * plan.method.effective_alpha
+
+
+def test_glue_and_instruct_implement_the_task_family_contract():
+    from lora_sweep import glue, instruct
+    from lora_sweep.task_family import FAMILIES, TaskFamily
+
+    assert FAMILIES == {"glue": glue, "instruct": instruct}
+    assert all(isinstance(family, TaskFamily) for family in FAMILIES.values())
+    assert not isinstance(adapters, TaskFamily)  # a module lacking the contract's names does not pass

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lora_sweep import adapters, estimate, estimate_cli, memory
-from lora_sweep.experiment import family_of
+from lora_sweep.task_family import family_for
 from lora_sweep.settings import compose
 from lora_sweep.train import optimizer_for
 from tests.conftest import tiny_bert
@@ -75,7 +75,7 @@ def test_the_estimate_reads_no_weight_file(llama_config_only, monkeypatch):
 
 
 def _measured(s, batch: int, seq: int):
-    family = family_of(s)
+    family = family_for(s)
     torch.manual_seed(0)
     model = family.load_model(str(s.model.name_or_path), s).to(estimate.PRECISIONS[s.estimate.precision].weight_dtype)
     if s.estimate.gradient_checkpointing:
