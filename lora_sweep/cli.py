@@ -110,7 +110,7 @@ def error_line(exc: BaseException) -> str:
     if unreadable:
         key, _, value = unreadable.group(1).partition("=")
         return (f"cannot read {unreadable.group(1)}: a value holding ~, a non-ASCII letter or another character outside "
-                f"Hydra's grammar must be quoted, inside the shell's quotes: \"{key}='{value}'\" (for example \"results_dir='runs/ü'\")")
+                f"Hydra's grammar must be quoted, inside the shell's quotes: \"{key}='{value}'\" (for example \"runs_dir='runs/ü'\")")
     return _with_options(message)
 
 

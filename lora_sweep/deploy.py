@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import transformers
 from peft import LoraConfig, PeftModel
@@ -32,8 +33,11 @@ from peft.utils.hotswap import check_hotswap_configs_compatible, hotswap_adapter
 from transformers import AutoTokenizer
 
 from lora_sweep import adapters, batching, data, experiment, records, runtime, timing
+from lora_sweep.analysis import Analysis, analyse
+from lora_sweep.analysis.load import load_records
 from lora_sweep.distributed import make_accelerator
 from lora_sweep.errors import UserError, file_errors
+from lora_sweep.records import RunRecord
 from lora_sweep.evaluation import predict
 from lora_sweep.settings import Settings
 from lora_sweep.task_family import TaskFamily
@@ -48,7 +52,7 @@ MANY = (1, 2, 4, 8)  # adapters on one base against as many merged models
 class Served:
     """One LoRA run's model, data and artifacts, rebuilt from its record."""
 
-    record: dict[str, Any]
+    record: RunRecord
     settings: Settings
     family: TaskFamily
     kind: str  # the architecture family (adapters.architecture_of): which modules are the task head
@@ -69,7 +73,7 @@ class Served:
         return [{k: v for k, v in batch.items() if k != "labels"} for batch in loaded]
 
 
-def serve(record: dict[str, Any], runs_dir: Path, cache_dir: str) -> Served:
+def serve(record: RunRecord, runs_dir: Path, cache_dir: str) -> Served:
     """The run's model, data and collator as its experiment planned them (experiment.plan)."""
     p = experiment.plan(records.run_settings(record, runs_dir, cache_dir))
     s = p.settings
@@ -177,7 +181,7 @@ def hotswap_blocker(a: LoraConfig, b: LoraConfig) -> str | None:
     return None
 
 
-def swap(served: Served, unmerged: PeftModel, other: dict[str, Any], checkpoint: Path, repeats: int) -> dict[str, Any]:
+def swap(served: Served, unmerged: PeftModel, other: RunRecord, checkpoint: Path, repeats: int) -> dict[str, Any]:
     """Switching the loaded model to `other`'s adapter against loading the full-FT checkpoint into a fresh model."""
     family = served.kind
     path, own = records.artifact_dir(other, served.runs_dir), records.artifact_dir(served.record, served.runs_dir)
@@ -231,7 +235,7 @@ def swap(served: Served, unmerged: PeftModel, other: dict[str, Any], checkpoint:
     }
 
 
-def many_adapters(served: Served, pool: list[dict[str, Any]], repeats: int) -> list[dict[str, Any]]:
+def many_adapters(served: Served, pool: list[RunRecord], repeats: int) -> list[dict[str, Any]]:
     """For N adapters: one base serving a mixed batch (row i -> adapter i mod N) against N merged models, each given
     its own rows of the batch: examples per second and the tensor bytes each way holds."""
     batch = served.batches(32, 1)[0]
@@ -273,7 +277,7 @@ def many_adapters(served: Served, pool: list[dict[str, Any]], repeats: int) -> l
 
 # ---- which runs, and the command ---------------------------------------------------------------------------------
 
-def measure(record: dict[str, Any], runs_dir: Path, all_records: list[dict[str, Any]], chosen: str, repeats: int,
+def measure(record: RunRecord, runs_dir: Path, all_records: list[RunRecord], chosen: str, repeats: int,
             cache_dir: str) -> dict[str, Any]:
     """The deploy record of one LoRA run whose adapter and paired full-FT checkpoint are on disk."""
     started = time.perf_counter()
@@ -300,29 +304,18 @@ def measure(record: dict[str, Any], runs_dir: Path, all_records: list[dict[str, 
     return out
 
 
-def default_run(runs_dir: Path) -> tuple[str, str]:
-    """The seed-0 run of the rank the analysis recommends or, where it recommends none, of the rank with the best
-    estimate against full FT (the largest Δ); returns its run id and why it was chosen."""
-    from lora_sweep.analysis.load import load_records
-    from lora_sweep.analysis.tables import aggregate, compare_ranks, recommend
-
-    df, _ = load_records(runs_dir)
-    agg = aggregate(df)
-    ranks = compare_ranks(df, agg, None) if (agg["method"] == "lora").any() else None
-    if ranks is None or ranks.empty:
+def default_run(analysis: Analysis, runs_dir: Path) -> tuple[str, str]:
+    """The seed-0 run of the rank to use (Analysis.rank_to_use: the recommended rank, else the one closest to full FT)
+    of the first recommendation that names a rank, else of the first; returns its run id and why it was chosen."""
+    recommendation = analysis.recommendation
+    if recommendation.empty:
         raise UserError(f"no finished LoRA configuration in {runs_dir} to measure")
-    recommendation = recommend(ranks)
-    recommended = recommendation[recommendation["r"].notna()] if "r" in recommendation else recommendation.iloc[:0]
-    if len(recommended):
-        row, why = recommended.iloc[0], "the rank the analysis recommends"
-        config = ranks[(ranks["r"] == row["r"]) & (ranks["lr"] == row["lr"]) & (ranks["context_id"] == row["context_id"])
-                       & (ranks["targets"] == row["targets"])].iloc[0]
-    elif "delta" in ranks:
-        config = ranks.sort_values("delta", ascending=False, na_position="last").iloc[0]
-        why = "no rank is recommended: the rank with the best estimate against full FT"
-    else:
+    named = recommendation[recommendation["r"].notna()]
+    config, why = analysis.rank_to_use((named if len(named) else recommendation).iloc[0])
+    if "delta" not in config or pd.isna(config["delta"]):
         raise UserError(f"no LoRA configuration in {runs_dir} is paired with a finished full-FT baseline; use --run RUN_ID")
-    runs = df[(df["config_id"] == config["config_id"]) & (df["seed"] == 0) & (df["status"] == "done")]
+    runs = analysis.runs
+    runs = runs[(runs["config_id"] == config["config_id"]) & (runs["seed"] == 0) & (runs["status"] == "done")]
     if runs.empty:
         raise UserError(f"the chosen configuration (r={int(config['r'])}) has no seed-0 run in {runs_dir}")
     return runs.iloc[0]["run_id"], f"{why} (r={int(config['r'])}, seed 0)"
@@ -330,7 +323,8 @@ def default_run(runs_dir: Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lora-deploy", description=__doc__.splitlines()[0])
-    parser.add_argument("results_dir", nargs="?", default="results", help="folder holding runs/ (default: results)")
+    parser.add_argument("results_dir", nargs="?", default="results",
+                        help="a results folder holding runs/, or the runs folder itself (default: results)")
     parser.add_argument("--run", action="append", default=[], help="run id of a LoRA run to measure (repeatable; "
                         "default: the seed-0 run of the recommended rank, else of the rank with the best estimate)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help=f"interleaved repeats of every timing (default {REPEATS})")
@@ -340,27 +334,28 @@ def main(argv: list[str] | None = None) -> None:
     runtime.quiet_libraries()
     try:
         with file_errors():
-            sys.exit(deploy(Path(args.results_dir), args.run, args.repeats, args.threads, args.cache_dir))
+            sys.exit(deploy(records.runs_folder(args.results_dir), args.run, args.repeats, args.threads, args.cache_dir))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
-def deploy(results_dir: Path, run_ids: list[str], repeats: int, threads: int, cache_dir: str) -> int:
+def deploy(runs_dir: Path, run_ids: list[str], repeats: int, threads: int, cache_dir: str, analysis: Analysis | None = None) -> int:
     """Measure the runs and write their deploy records; returns the exit status: 1 where a run was not measured (its
     artifacts are missing), so a script never takes a measurement that was not made for one."""
     if repeats < 2:
         raise UserError(f"--repeats={repeats} gives no spread; use 2 or more")
-    runs_dir = results_dir / "runs"
     torch.set_num_threads(runtime.resolve_threads(threads))
-    chosen = {rid: "requested" for rid in run_ids} or dict([default_run(runs_dir)])
-    all_records = [r for r in (records.read_record(runs_dir, p.stem) for p in sorted(runs_dir.glob("*.json"))) if r]
+    if not run_ids and analysis is None:
+        analysis = analyse(*load_records(runs_dir))
+    chosen = {rid: "requested" for rid in run_ids} or dict([default_run(analysis, runs_dir)])
+    all_records = [records.read_fields(r) for r in (records.read_record(runs_dir, p.stem) for p in sorted(runs_dir.glob("*.json"))) if r]
     status = 0
     for rid, why in chosen.items():
-        record = records.read_record(runs_dir, rid)
+        record = next((r for r in all_records if r["run_id"] == rid), None)
         if record is None or record["method"] != "lora" or record["status"] != "done":
             raise UserError(f"--run {rid}: no finished LoRA run of that id in {runs_dir}")
-        baseline = records.read_record(runs_dir, record["baseline_run_id"] or "") or {}
+        baseline = next((r for r in all_records if r["run_id"] == record["baseline_run_id"]), {})
         missing = [name for name, r in (("adapter", record), ("full-FT checkpoint", baseline)) if not records.artifact_dir(r, runs_dir)]
         if missing:
             print(f"[lora-deploy] {rid}: its {' and '.join(missing)} is not on disk (artifacts are not committed; re-run its "
@@ -369,7 +364,7 @@ def deploy(results_dir: Path, run_ids: list[str], repeats: int, threads: int, ca
             continue
         print(f"[lora-deploy] {rid}: {why}; measuring ({repeats} repeats, {torch.get_num_threads()} threads)", flush=True)
         out = measure(record, runs_dir, all_records, why, repeats, cache_dir)
-        path = records.write_record(results_dir / "deploy", out)
+        path = records.write_record(runs_dir.parent / "deploy", out)
         print(f"[lora-deploy] wrote {path} in {out['seconds']:.0f} s", flush=True)
     return status
 

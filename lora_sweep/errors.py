@@ -14,11 +14,11 @@ class UserError(Exception):
 
 
 # What a user can do about the file-system failures that are theirs to fix.
-_FOLDERS = "point results_dir, cache_dir or artifacts_dir at a folder you can write"
+_FOLDERS = "point runs_dir, cache_dir or artifacts_dir at a folder you can write"
 _ADVICE = {
     errno.EACCES: _FOLDERS, errno.EPERM: _FOLDERS, errno.EROFS: _FOLDERS, errno.ENOTDIR: _FOLDERS, errno.EEXIST: _FOLDERS,
-    errno.ENOSPC: "free some space, or point results_dir, cache_dir or artifacts_dir at another disk",
-    errno.EDQUOT: "free some space, or point results_dir, cache_dir or artifacts_dir at another disk",
+    errno.ENOSPC: "free some space, or point runs_dir, cache_dir or artifacts_dir at another disk",
+    errno.EDQUOT: "free some space, or point runs_dir, cache_dir or artifacts_dir at another disk",
 }
 
 

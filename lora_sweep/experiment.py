@@ -19,6 +19,7 @@ from lora_sweep import adapters, batching, data, distributed, forgetting, identi
 from lora_sweep.errors import UserError, file_errors, one_line
 from lora_sweep.evaluation import evaluate_split
 from lora_sweep.hub import model_source, resolve_model
+from lora_sweep.records import CurvePoint, Memory, RunRecord, Times
 from lora_sweep.runtime import resolve_device, resolve_threads
 from lora_sweep.settings import MethodSettings, Settings
 from lora_sweep.task_family import TaskFamily, family_for
@@ -69,7 +70,7 @@ def baseline_settings(settings: Settings) -> Settings:
     return dataclasses.replace(settings, method=settings.baseline, pair_baseline=False)
 
 
-def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) -> dict[str, Any]:
+def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) -> RunRecord:
     """Run one experiment (and first its baseline) unless a `done` record exists; return its record.
 
     `sweep` names the sweep this run belongs to: a run already attempted in this sweep (a baseline shared by
@@ -81,15 +82,15 @@ def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) ->
     baseline = None
     if settings.method.name == "lora" and settings.pair_baseline:
         baseline = run(baseline_settings(settings), parallel_jobs, sweep)
-    with distributed.main_only(records.run_lock(settings.results_dir, p.run_id)):
-        existing = distributed.from_main(records.read_record(settings.results_dir, p.run_id) if distributed.is_main() else None)
+    with distributed.main_only(records.run_lock(settings.runs_dir, p.run_id)):
+        existing = distributed.from_main(records.read_record(settings.runs_dir, p.run_id) if distributed.is_main() else None)
         if existing and ((sweep and existing.get("sweep") == sweep) or (existing["status"] == "done" and not settings.rerun)):
             print(f"[lora-sweep] {p.run_id} ({describe(p)}) already {existing['status']}: skipped")
             return existing
         print(f"[lora-sweep] {p.run_id} ({describe(p)}) starting")
         record = execute(p, baseline, resolve_threads(settings.train.threads, parallel_jobs), sweep)
         if distributed.is_main():
-            records.write_record(settings.results_dir, record)
+            records.write_record(settings.runs_dir, record)
     return record
 
 
@@ -99,7 +100,7 @@ def describe(p: Plan) -> str:
     return f"{settings.model.name} {settings.task.name} {what} lr={m.lr:g} seed={settings.train.seed}"
 
 
-def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: str | None) -> dict[str, Any]:
+def _base_record(p: Plan, baseline: RunRecord | None, threads: int, sweep: str | None) -> RunRecord:
     s, m = p.settings, p.method
     lora = m.name == "lora"
     return {
@@ -113,7 +114,7 @@ def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: 
         "diverged_at_step": None,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": s.model.name,
-        "model_name_or_path": records.portable_model(s.model.name_or_path, s.results_dir),
+        "model_name_or_path": records.portable_model(s.model.name_or_path, s.runs_dir),
         "task": s.task.name,
         "task_family": s.task.family,
         "data_source": p.source,
@@ -140,18 +141,18 @@ def _base_record(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: 
 def _recorded_config(s: Settings) -> dict[str, Any]:
     """The settings as a record keeps them: its folders relative to the record's own (records.portable)."""
     config = dataclasses.asdict(s)
-    for key in ("results_dir", "cache_dir", "artifacts_dir"):
-        config[key] = records.portable(config[key], s.results_dir)
-    config["model"]["name_or_path"] = records.portable_model(s.model.name_or_path, s.results_dir)
-    config["task"]["data_dir"] = records.portable(s.task.data_dir, s.results_dir)
-    config["train"]["forgetting_file"] = records.portable(s.train.forgetting_file, s.results_dir)
+    for key in ("runs_dir", "cache_dir", "artifacts_dir"):
+        config[key] = records.portable(config[key], s.runs_dir)
+    config["model"]["name_or_path"] = records.portable_model(s.model.name_or_path, s.runs_dir)
+    config["task"]["data_dir"] = records.portable(s.task.data_dir, s.runs_dir)
+    config["train"]["forgetting_file"] = records.portable(s.train.forgetting_file, s.runs_dir)
     pattern = s.method.rank_pattern
     if isinstance(pattern, str) and not (adapters.RANK_PATTERN_DIR / f"{pattern}.yaml").is_file():
-        config["method"]["rank_pattern"] = records.portable(pattern, s.results_dir)
+        config["method"]["rank_pattern"] = records.portable(pattern, s.runs_dir)
     return config
 
 
-def execute(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: str | None = None) -> dict[str, Any]:
+def execute(p: Plan, baseline: RunRecord | None, threads: int, sweep: str | None = None) -> RunRecord:
     """Train and evaluate; always returns a record. Bad input (a full disk included) is recorded as failed, then re-raised."""
     record = _base_record(p, baseline, threads, sweep)
     tracker = None
@@ -163,23 +164,24 @@ def execute(p: Plan, baseline: dict[str, Any] | None, threads: int, sweep: str |
     except UserError as exc:
         record.update(status="failed", error=str(exc))
         if distributed.is_main():
-            records.write_record(p.settings.results_dir, _finished(record))
+            records.write_record(p.settings.runs_dir, _finished(record))
         raise
     except Exception as exc:  # an error in one run is its result; the sweep goes on. Its traceback goes to a log.
         record.update(status="failed", error=f"{type(exc).__name__}: {one_line(exc)}",
-                      log=records.write_log(p.settings.results_dir, p.run_id, traceback.format_exc()))
+                      log=records.write_log(p.settings.runs_dir, p.run_id, traceback.format_exc()))
     _finished(record)
     if tracker:
         tracker.finish(record)
     return record
 
 
-def _finished(record: dict[str, Any]) -> dict[str, Any]:
+def _finished(record: RunRecord) -> RunRecord:
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return record
 
 
-def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
+def _train_and_measure(p: Plan, tracker: Tracker) -> RunRecord:
+    """The measured half of the record: build the model, train it on the run's batches, evaluate it, save it."""
     s = p.settings
     tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
     set_seed(s.train.seed)  # before the head and the adapter are initialised: same seed, same run
@@ -193,18 +195,16 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
     start = time.perf_counter()
     tokens, cached = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
     prep_seconds = time.perf_counter() - start
-
     collate = p.family.collator(tokenizer)
     train_set = tokens["train"].remove_columns("id")
-    lengths = [len(ids) for ids in train_set["input_ids"]]
     steps = total_steps(s.train, len(train_set))
-    schedule = batching.train_plan(lengths, s.train.batch_size, steps, s.train.grad_accum, s.train.seed, s.train.batching,
-                                   s.train.micro_batch_floor)
+    schedule = batching.train_plan([len(ids) for ids in train_set["input_ids"]], s.train.batch_size, steps, s.train.grad_accum,
+                                   s.train.seed, s.train.batching, s.train.micro_batch_floor)
     accelerator = distributed.make_accelerator(p.device, s.train.distributed)
     distributed.seed_dropout(s.train.seed)
     if p.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    curve: list[dict[str, Any]] = []
+    curve: list[CurvePoint] = []
 
     def tune_checkpoint(step: int) -> None:
         split = evaluate_split(accelerator, model, p.family, tokens["tune"], collate, s)
@@ -212,48 +212,44 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> dict[str, Any]:
 
     result = fit(accelerator, model, train_set, collate, schedule, p.method, s.train, on_log=tracker.log_loss,
                  checkpoints=curve_steps(s.train.curve_points, steps), on_checkpoint=tune_checkpoint)
-
-    out: dict[str, Any] = {
-        "adapted_modules": adapted,
-        "params": dataclasses.asdict(counts),
-        "loss_curve": result.loss_curve,
-        "budget": loss_trend(result.step_losses),
-        "memory": _memory_fields(accelerator, p.device, result),
+    out: RunRecord = {
+        "adapted_modules": adapted, "params": dataclasses.asdict(counts), "loss_curve": result.loss_curve,
+        "budget": loss_trend(result.step_losses), "memory": _memory_fields(accelerator, p.device, result),
         "processes": {"mode": s.train.distributed, "world_size": accelerator.num_processes,
                       "per_process_batch": s.train.batch_size // accelerator.num_processes, "grad_accum": s.train.grad_accum,
                       "global_batch": s.train.batch_size * s.train.grad_accum},
-        "train_examples": len(train_set),
-        "tune_examples": len(tokens["tune"]),
-        "eval_examples": len(tokens["dev"]),
+        "train_examples": len(train_set), "tune_examples": len(tokens["tune"]), "eval_examples": len(tokens["dev"]),
         "tokens": {"train": batching.token_summary(result.real_tokens, result.computed_tokens)},
         "micro_batches": len(schedule.batches),
     }
-    time_fields = {
-        "data_prep_s": prep_seconds,
-        "data_from_cache": cached,
-        "train_s": result.seconds,
-        "steps": result.steps,
-        "samples_per_s": result.samples / result.seconds if result.seconds else None,
-        "tokens_per_s": result.real_tokens / result.seconds if result.seconds else None,
-        "computed_tokens_per_s": result.computed_tokens / result.seconds if result.seconds else None,
-    }
+    times = _times(result, prep_seconds, cached)
     if result.diverged_at is not None:
-        return {**out, "time": time_fields, "status": "diverged", "diverged_at_step": result.diverged_at, "error": result.divergence}
+        return {**out, "time": times, "status": "diverged", "diverged_at_step": result.diverged_at, "error": result.divergence}
 
     start = time.perf_counter()
     tune = evaluate_split(accelerator, model, p.family, tokens["tune"], collate, s)
     dev = evaluate_split(accelerator, model, p.family, tokens["dev"], collate, s)
     metrics = {**dev["metrics"], **p.family.extra_metrics(accelerator, model, tokenizer, tokens["dev"], s)}
-    time_fields.update(eval_s=time.perf_counter() - start, curve_eval_s=result.checkpoint_seconds)
+    times.update(eval_s=time.perf_counter() - start, curve_eval_s=result.checkpoint_seconds)
     curve.append({"step": result.steps, "metrics": tune["metrics"], "outputs": tune["examples"]["outputs"]})
     out["tokens"].update(tune=tune["tokens"], dev=dev["tokens"])
     out.update(metrics=metrics, primary_metric=dev["primary_metric"], primary_value=metrics[dev["primary_metric"]],
                tune_metrics=tune["metrics"], tune_value=tune["metrics"][dev["primary_metric"]],
-               examples={"dev": dev["examples"], "tune": tune["examples"]}, tune_curve=curve, time=time_fields,
+               examples={"dev": dev["examples"], "tune": tune["examples"]}, tune_curve=curve, time=times,
                forgetting=probe.measure(accelerator.unwrap_model(model), tokenizer))
     out["artifact"] = _save(accelerator, model, p) if s.train.save_adapter else None
     out["status"] = "done"
     return out
+
+
+def _times(result, prep_seconds: float, from_cache: bool) -> Times:
+    """Where the run's time went, and its throughput in examples and (real and computed) tokens per second."""
+    def rate(amount: float) -> float | None:
+        return amount / result.seconds if result.seconds else None
+
+    return {"data_prep_s": prep_seconds, "data_from_cache": from_cache, "train_s": result.seconds, "steps": result.steps,
+            "samples_per_s": rate(result.samples), "tokens_per_s": rate(result.real_tokens),
+            "computed_tokens_per_s": rate(result.computed_tokens)}
 
 
 def curve_steps(points: list[float], steps: int) -> list[int]:
@@ -262,9 +258,9 @@ def curve_steps(points: list[float], steps: int) -> list[int]:
     return sorted({round(f * steps) for f in points} & set(range(1, steps)))
 
 
-def _memory_fields(accelerator, device: str, result) -> dict[str, Any]:
+def _memory_fields(accelerator, device: str, result) -> Memory:
     """The probe's peak and split; with several processes, those of the process that peaked highest, and every process's peak."""
-    fields: dict[str, Any] = {"device": device, "peak_bytes": None, "split_bytes": None, "grad_bytes_after_backward": None,
+    fields: Memory = {"device": device, "peak_bytes": None, "split_bytes": None, "grad_bytes_after_backward": None,
                               "cuda_max_allocated_bytes": None, "cuda_max_reserved_bytes": None}
     if result.memory is not None:
         fields.update(peak_bytes=result.memory.peak_bytes, split_bytes=result.memory.split,
@@ -295,4 +291,4 @@ def _save(accelerator, model: torch.nn.Module, p: Plan) -> dict[str, Any] | None
     extra = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
     unwrapped.save_pretrained(folder, state_dict=state, **extra)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin"))
-    return {"path": records.portable(folder, p.settings.results_dir), "bytes": size}
+    return {"path": records.portable(folder, p.settings.runs_dir), "bytes": size}

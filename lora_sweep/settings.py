@@ -15,6 +15,7 @@ import functools
 import re
 import time
 import typing
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,12 +262,13 @@ class Settings:
     logger: LoggerSettings = field(default_factory=LoggerSettings)
     estimate: EstimateSettings = field(default_factory=EstimateSettings)  # lora-estimate only
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
-    results_dir: str = "results/runs"  # the run records (and their history/, logs/, corrupt/ folders)
+    runs_dir: str = "results/runs"  # the run records (and their history/, logs/, corrupt/ folders); the report goes beside it
+    results_dir: str | None = None  # deprecated: the old name of runs_dir, accepted (with a warning line) for one release
     cache_dir: str = ".cache/lora_sweep"  # tokenized data, converted models, Hydra's own output folders
-    artifacts_dir: str = "${results_dir}/artifacts"  # saved adapters and models (train.save_adapter)
+    artifacts_dir: str = "${runs_dir}/artifacts"  # saved adapters and models (train.save_adapter)
     pair_baseline: bool = True  # ensure the paired full-FT run before each LoRA run
     rerun: bool = False  # run again even if a `done` record exists
-    analyze: bool = False  # sweeps: write the analysis report beside results_dir when the sweep ends
+    analyze: bool = False  # sweeps: write the analysis report beside runs_dir when the sweep ends
     deploy: bool = False  # sweeps: before the analysis, measure deployment (lora-deploy's default run) into <results>/deploy
 
     def validate(self) -> None:
@@ -326,11 +328,24 @@ def from_config(cfg: DictConfig, strict: bool = True) -> Settings:
         _check_known_keys(cfg)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Settings), cfg)
+        _rename_deprecated(merged)
         settings = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise UserError(str(exc).splitlines()[0]) from None
     settings.validate()
     return settings
+
+
+def _rename_deprecated(config: DictConfig) -> None:
+    """results_dir (the runs folder, under a name that said otherwise) is read as runs_dir, with one warning line."""
+    if config.results_dir is None:
+        return
+    if config.runs_dir != Settings.runs_dir and config.runs_dir != config.results_dir:
+        raise UserError(f"results_dir={config.results_dir} and runs_dir={config.runs_dir} disagree; "
+                        f"set runs_dir only (results_dir is its deprecated name)")
+    print(f"warning: results_dir is deprecated and will be removed; use runs_dir={config.results_dir} "
+          f"(the folder of the run records)", file=sys.stderr)
+    config.runs_dir, config.results_dir = config.results_dir, None
 
 
 def compose(*overrides: str) -> Settings:

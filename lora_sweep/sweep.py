@@ -54,7 +54,7 @@ PROGRESS_FILE = "sweep_progress.jsonl"
 class Sweep:
     """A checked sweep: where its records go, the runs it must leave (baselines first), and whether to analyse them."""
 
-    results_dir: str
+    runs_dir: str
     run_ids: list[str]
     analyze: bool
     deploy: bool  # lora-deploy's default measurement before the analysis
@@ -122,19 +122,19 @@ def start(argv: list[str]) -> Sweep | None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     # written once the jobs are about to start: their ETA clock
     (sweep_dir / PLAN_FILE).write_text(json.dumps({"jobs": len(plans), "started": time.time()}))
-    return Sweep(plans[0].settings.results_dir, list(dict.fromkeys([*baselines, *(p.run_id for p in plans)])),
+    return Sweep(plans[0].settings.runs_dir, list(dict.fromkeys([*baselines, *(p.run_id for p in plans)])),
                  plans[0].settings.analyze, plans[0].settings.deploy, plans[0].settings.cache_dir,
                  plans[0].settings.analysis.target_model, str(sweep_dir))
 
 
 def preflight(plans: list[Plan]) -> None:
-    """The checks a run would otherwise fail only once it (or its baseline) had trained: one results_dir, the data
+    """The checks a run would otherwise fail only once it (or its baseline) had trained: one runs_dir, the data
     read (its format, the tuning split's size) and the output folders writable."""
-    results_dirs = {p.settings.results_dir for p in plans}
-    if len(results_dirs) > 1:
-        raise UserError(f"a sweep writes its records to one results_dir, not {len(results_dirs)}")
+    runs_dirs = {p.settings.runs_dir for p in plans}
+    if len(runs_dirs) > 1:
+        raise UserError(f"a sweep writes its records to one runs_dir, not {len(runs_dirs)}")
     _read_data(plans)
-    for folder in results_dirs | {p.settings.artifacts_dir for p in plans if p.settings.train.save_adapter}:
+    for folder in runs_dirs | {p.settings.artifacts_dir for p in plans if p.settings.train.save_adapter}:
         _check_writable(folder)
 
 
@@ -165,22 +165,25 @@ def _check_writable(folder: str) -> None:
 
 def finish(sweep: Sweep) -> int:
     """Print the sweep's table (measure deployment and write the analysis if asked); return the exit status: 1 if a run failed or left no record."""
-    from lora_sweep.analysis import report, tables
-    from lora_sweep import deploy, records
+    from lora_sweep import deploy, records, reporting
+    from lora_sweep.analysis import analyse, tables
+    from lora_sweep.analysis.load import load_records
 
     later = adaptive_sweeper.launched_run_ids(sweep.sweep_dir) if sweep.sweep_dir else []  # an adaptive sweep's later rounds
     run_ids = list(dict.fromkeys([*sweep.run_ids, *later]))
-    found = {rid: records.read_record(sweep.results_dir, rid) for rid in run_ids}
+    found = {rid: records.read_record(sweep.runs_dir, rid) for rid in run_ids}
     written = [rid for rid, record in found.items() if record]
     if written:
-        print(tables.sweep_summary(sweep.results_dir, written))
+        runs_dir = Path(sweep.runs_dir)
+        analysis = analyse(*load_records(runs_dir), None)  # once: the table, the deployment's choice and the report
+        print(tables.sweep_summary(analysis.runs[analysis.runs["run_id"].isin(written)]))
         if sweep.deploy:
             try:  # a measurement beside the sweep: its failure is said, and the analysis is still written
-                deploy.deploy(Path(sweep.results_dir).parent, [], deploy.REPEATS, 0, sweep.cache_dir)
+                deploy.deploy(runs_dir, [], deploy.REPEATS, 0, sweep.cache_dir, analysis)
             except UserError as exc:
                 print(f"[sweep] deployment not measured: {exc}", file=sys.stderr)
         if sweep.analyze:
-            print(f"[sweep] analysis written to {report.write(sweep.results_dir, target_model=sweep.target_model)}")
+            print(f"[sweep] analysis written to {reporting.publish(analysis, runs_dir, sweep.target_model)}")
     lost = [rid for rid, record in found.items() if not record or record["status"] not in ("done", "diverged")]
     if lost:
         print(f"[sweep] {len(lost)} of {len(found)} runs failed or left no record: {', '.join(lost)}", file=sys.stderr)
@@ -211,12 +214,12 @@ def _say_what_is_reused(plans: list, baseline_ids: list[str]) -> None:
     """A sweep whose records exist finishes in seconds: say so, and how to train again, so that is not read as "nothing happened"."""
     from lora_sweep import records
 
-    results_dir = plans[0].settings.results_dir
+    runs_dir = plans[0].settings.runs_dir
     ids = set(baseline_ids) | {p.run_id for p in plans}
-    done = [rid for rid in ids if (records.read_record(results_dir, rid) or {}).get("status") == "done"]
+    done = [rid for rid in ids if (records.read_record(runs_dir, rid) or {}).get("status") == "done"]
     if done and not plans[0].settings.rerun:
-        print(f"[sweep] {len(done)} of these {len(ids)} runs already have a done record in {results_dir}: they are reused, not "
-              f"trained again (to train everything again: add rerun=true, or use another results_dir)")
+        print(f"[sweep] {len(done)} of these {len(ids)} runs already have a done record in {runs_dir}: they are reused, not "
+              f"trained again (to train everything again: add rerun=true, or use another runs_dir)")
 
 
 def _clock(seconds: float) -> str:

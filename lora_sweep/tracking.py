@@ -1,6 +1,6 @@
 """Optional Weights & Biases logging (logger=wandb); logger=none logs nothing.
 
-wandb writes under `<results_dir>/wandb`, inside the folder the user named, never in the current directory;
+wandb writes under `<runs_dir>/wandb`, inside the folder the user named, never in the current directory;
 `logger.mode=offline` works with no network (sync later with `wandb sync`).
 """
 
@@ -21,7 +21,7 @@ class Tracker:
             return
         import wandb
 
-        folder = Path(settings.results_dir).resolve() / "wandb"
+        folder = Path(settings.runs_dir).resolve() / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_DIR", str(folder))
         os.environ.setdefault("WANDB_CACHE_DIR", str(folder / "cache"))

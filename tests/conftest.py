@@ -87,3 +87,11 @@ def tiny_llama_dir(tmp_path_factory, smollm_tokenizer) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     smollm_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_libraries():
+    """As the entry points do: no library progress bars or warnings in the test output."""
+    from lora_sweep import runtime
+
+    runtime.quiet_libraries()

@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from lora_sweep.analysis import curves, report, stats, tables
+from lora_sweep.analysis import curves, stats, tables
 from lora_sweep.analysis.load import load_records
-from lora_sweep import experiment, identity, records
+from lora_sweep import experiment, identity, records, reporting
 from lora_sweep.errors import UserError
 from lora_sweep.settings import compose
 
@@ -41,7 +41,7 @@ EVAL_KEYS = ("metrics", "primary_metric", "primary_value", "tune_metrics", "tune
 def templates(tiny_bert_dir, tmp_path_factory):
     """A real LoRA record (r=8 on query/value, lr 2e-3) and its real baseline (full FT, lr 1e-4), from a tiny run."""
     folder = tmp_path_factory.mktemp("template")
-    settings = compose(*TINY, f"model.name_or_path={tiny_bert_dir}", f"results_dir={folder}", f"cache_dir={folder / 'cache'}")
+    settings = compose(*TINY, f"model.name_or_path={tiny_bert_dir}", f"runs_dir={folder}", f"cache_dir={folder / 'cache'}")
     lora = experiment.run(settings)
     full = records.read_record(folder, lora["baseline_run_id"])
     assert lora["status"] == full["status"] == "done" and lora["params"]["adapter"] == 512 * 8  # 2 layers x 2 x (64 + 64) x r
@@ -181,7 +181,7 @@ def test_aggregates_and_the_paired_difference_match_hand_computed_values(tmp_pat
     assert (rank["delta_low"], rank["delta_high"]) == pytest.approx((expected.low, expected.high))
     assert rank["delta_low"] < -4.0 < rank["delta_high"]
 
-    report.write(tmp_path)
+    reporting.write(tmp_path)
     table = pd.read_csv(tmp_path.parent / "tables" / f"sst2_{df['model'][0]}.csv", dtype=str)
     assert table.loc[0, "% of full"] == f"{100 * 0.82 / 0.86:.1f}"
     assert table.loc[0, "eval (± 95% CI over seeds)"] == f"82.00 ± {100 * row['primary_value_ci95']:.2f}"
@@ -225,7 +225,7 @@ def test_learning_rates_are_chosen_on_the_tuning_split(tmp_path, templates):
     assert rank["tune_value_mean"] == pytest.approx(0.88)
     assert rank["full_lr"] == pytest.approx(1e-4) and rank["full_mean"] == pytest.approx(0.86)
     assert rank["delta"] == pytest.approx(-3.0)
-    report.write(tmp_path)
+    reporting.write(tmp_path)
     table = pd.read_csv(tmp_path.parent / "tables" / f"sst2_{df['model'][0]}.csv", dtype=str)
     assert table.loc[0, "lr (tuned)"] == "0.001" and table.loc[0, "tune"] == "88.00"
 
@@ -296,7 +296,7 @@ def test_diverged_runs_are_never_recommended(tmp_path, templates):
     assert (df["status"] == "diverged").sum() == 3 and df[df["status"] == "diverged"]["primary_value"].isna().all()
     assert 1 not in set(agg["r"].dropna()) and 1 not in set(ranks["r"])
     assert rec.iloc[0]["r"] == 4
-    text = report.write(tmp_path).read_text()
+    text = reporting.write(tmp_path).read_text()
     assert text.count("| diverged |") == 3
 
 
@@ -323,7 +323,7 @@ def test_suspicious_done_runs_are_flagged(tmp_path, templates):
                                                            slope_per_100_steps=-0.2, slope_se=0.01))
     for record in (chance, rising, falling):
         records.write_record(tmp_path, record)
-    report.write(tmp_path)
+    reporting.write(tmp_path)
     flags = pd.read_csv(tmp_path.parent / "tables" / "flags.csv").set_index("run_id")
     assert set(flags.index) == {chance["run_id"], rising["run_id"], falling["run_id"]}
     assert f"accuracy {majority:.3f} at chance level ({majority:.3f}, a constant predictor)" in flags.loc[chance["run_id"], "flags"]
@@ -339,7 +339,7 @@ def test_report_lists_every_run_and_draws_the_plots(tmp_path, templates):
     records.write_record(runs, failed)
     old = dict(variant(templates[0], 0, 0.5, r=32), schema_version=records.SCHEMA_VERSION - 1)
     records.write_record(runs, old)
-    path = report.write(runs)
+    path = reporting.write(runs)
     text = path.read_text()
     df, skipped = load_records(runs)
     assert len(df) == 7 and all(rid in text for rid in df["run_id"])
@@ -365,15 +365,15 @@ def test_report_lists_every_run_and_draws_the_plots(tmp_path, templates):
 def test_update_analyses_come_from_the_saved_artifacts_and_then_from_their_cached_tables(tmp_path, tiny_bert_dir):
     runs = tmp_path / "runs"
     experiment.run(compose(*TINY, "train.save_adapter=true", "train.forgetting_examples=16", f"model.name_or_path={tiny_bert_dir}",
-                           f"results_dir={runs}", f"cache_dir={tmp_path / 'cache'}"))
-    text = report.write(runs).read_text()
+                           f"runs_dir={runs}", f"cache_dir={tmp_path / 'cache'}"))
+    text = reporting.write(runs).read_text()
     assert "measured from the saved artifacts of 2 runs" in text
     ranks = pd.read_csv(tmp_path / "tables" / "update_ranks.csv")
     assert set(ranks["method"]) == {"lora", "full"} and (ranks.loc[ranks["method"] == "lora", "rank90"] <= 8).all()
     pattern = yaml.safe_load(next((tmp_path / "tables").glob("rank_pattern_*.yaml")).read_text())
     assert sum(pattern.values()) == 8 * len(pattern) == 8 * 4  # tiny BERT, qv: one shape, so the same total rank as r=8
     shutil.rmtree(runs / "artifacts")
-    again = report.write(runs).read_text()
+    again = reporting.write(runs).read_text()
     assert "read from the cached tables" in again and "Rank advisor" in again
 
 
@@ -382,7 +382,7 @@ def test_a_missing_baseline_is_stated(tmp_path, templates):
     write(runs, templates, {4: [0.84]}, [0.86])
     lora = load_records(runs)[0].query("method == 'lora'").iloc[0]
     records.record_path(runs, lora["baseline_run_id"]).unlink()
-    text = report.write(runs).read_text()
+    text = reporting.write(runs).read_text()
     assert "No full fine-tuning baseline finished" in text
     assert "no paired full-FT baseline with per-example outputs: nothing to compare with" in text
 
@@ -398,7 +398,7 @@ def test_a_context_without_a_baseline_is_stated_beside_one_with(tmp_path, templa
     assert rec.loc[lora_t["context_id"], "r"] == 4
     cuda = next(c for c in rec.index if c != lora_t["context_id"])
     assert rec.loc[cuda, "recommendation"] == "no paired full-FT baseline with per-example outputs: nothing to compare with"
-    report.write(tmp_path)  # the report is written for both
+    reporting.write(tmp_path)  # the report is written for both
 
 
 def test_runs_without_a_memory_probe_are_reported(tmp_path, templates):
@@ -407,7 +407,7 @@ def test_runs_without_a_memory_probe_are_reported(tmp_path, templates):
     for seed in range(2):
         records.write_record(tmp_path, variant(full_t, seed, 0.86, memory=dict(full_t["memory"], **unprobed)))
         records.write_record(tmp_path, variant(lora_t, seed, 0.85, r=4, memory=dict(lora_t["memory"], **unprobed)))
-    assert "r=4" in report.write(tmp_path).read_text()
+    assert "r=4" in reporting.write(tmp_path).read_text()
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +418,7 @@ def loss_templates(tiny_llama_dir, tmp_path_factory):
         f"model.name_or_path={tiny_llama_dir}", "model.name=tiny_llama", "task=instruct/alpaca", "task.heldout_examples=4",
         "task.tune_examples=4", "task.max_train_examples=8", "train.max_steps=2", "train.batch_size=4", "train.max_seq_len=48",
         "train.eval_batch_size=4", "train.save_adapter=false", "train.threads=1",
-        f"results_dir={folder}", f"cache_dir={folder / 'cache'}"))
+        f"runs_dir={folder}", f"cache_dir={folder / 'cache'}"))
     return lora, records.read_record(folder, lora["baseline_run_id"])
 
 
@@ -447,7 +447,7 @@ def test_a_loss_metric_is_compared_lower_is_better_and_has_no_share_of_full(tmp_
     rank = ranks.iloc[0]
     assert rank["margin"] == 0.02 and rank["primary_unit"] == "nats/token"
     assert rank["delta"] == pytest.approx(-0.02)  # LoRA's loss is higher: negative is worse, as for a score
-    report.write(tmp_path)
+    reporting.write(tmp_path)
     table = pd.read_csv(tmp_path.parent / "tables" / "alpaca_tiny_llama.csv", dtype=str)
     assert "% of full" not in table.columns  # a share of full FT's loss means nothing
     assert table.loc[0, "eval (± 95% CI over seeds)"].startswith("1.82 ± ")
@@ -465,7 +465,7 @@ def test_empty_or_missing_folder_gives_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="no results folder"):
         load_records(tmp_path / "nowhere")
     (tmp_path / "runs").mkdir()
-    result = subprocess.run([sys.executable, "-m", "lora_sweep.analysis.cli", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "lora_sweep.reporting", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: no readable run records in {tmp_path / 'runs'}"]
 
@@ -473,19 +473,19 @@ def test_empty_or_missing_folder_gives_one_clear_error(tmp_path):
 def test_the_report_estimates_the_recommended_rank_on_a_target_model(tmp_path, templates):
     runs = tmp_path / "runs"
     write(runs, templates, {1: [0.80, 0.801, 0.799], 4: [0.854, 0.855, 0.856]}, [0.86, 0.86, 0.86])
-    text = report.write(runs, target_model="qwen2_5_0_5b").read_text()
+    text = reporting.write(runs, target_model="qwen2_5_0_5b").read_text()
     section = text.split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
     assert "r=4 on qv (the recommended rank)" in section
     assert "| LoRA r=4 qv " in section and "| full FT " in section
     plot = (tmp_path / "plots" / "estimate_qwen2_5_0_5b_sst2_minilm_l6_qv.svg").read_text()
     assert all(part in plot for part in ("r=1", "r=4", "full FT", "device memory (80 GiB)"))
-    assert "## At your scale" not in report.write(runs).read_text()  # no target model, no section
+    assert "## At your scale" not in reporting.write(runs).read_text()  # no target model, no section
     lora_t = copy.deepcopy(templates[0])  # a per-layer rank pattern beside the uniform ranks: the swept model's own
     pattern = {"bert.encoder.layer.0.attention.self.query": 6}
     lora_t["identity"]["config"]["method"]["rank_pattern"] = pattern
     for seed, value in enumerate([0.85, 0.851, 0.852]):
         records.write_record(runs, variant(lora_t, seed, value, r=4, rank_pattern=pattern, rank_pattern_source="advised"))
-    section = report.write(runs, target_model="qwen2_5_0_5b").read_text().split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
+    section = reporting.write(runs, target_model="qwen2_5_0_5b").read_text().split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
     assert "rank_pattern" not in section and "### " not in section and "r=4 on qv (the recommended rank)" in section
 
 
@@ -498,7 +498,7 @@ def test_each_context_of_a_sweep_is_estimated_at_its_own_rank_and_budget(tmp_pat
         template["identity"]["config"]["train"]["batch_size"] = template["config"]["train"]["batch_size"] = 16
         other.append(template)
     write(runs, other, {1: [0.858, 0.86, 0.859], 4: [0.85, 0.849, 0.851]}, [0.86, 0.86, 0.86])
-    section = report.write(runs, target_model="qwen2_5_0_5b").read_text().split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
+    section = reporting.write(runs, target_model="qwen2_5_0_5b").read_text().split("## At your scale: qwen2_5_0_5b")[1].split("\n## ")[0]
     parts = section.split("\n### ")[1:]
     assert len(parts) == 2
     batch = {int(re.search(r"\(batch (\d+),", part).group(1)): part for part in parts}
@@ -509,11 +509,11 @@ def test_forgetting_of_one_seed_is_reported_without_an_interval(tmp_path, templa
     runs = tmp_path / "runs"
     assert templates[0]["forgetting"]["forgetting"] is not None  # the template runs measured it
     write(runs, templates, {4: [0.85]}, [0.86])
-    line = next(x for x in report.write(runs).read_text().splitlines() if x.startswith("sst2 · minilm_l6: forgetting"))
+    line = next(x for x in reporting.write(runs).read_text().splitlines() if x.startswith("sst2 · minilm_l6: forgetting"))
     assert line.count("(one seed: no interval)") == 2 and "±" not in line.split("):", 1)[1]
     assert "cannot say which method forgot more" in line
     write(runs, templates, {4: [0.85, 0.84]}, [0.86, 0.85])  # a second seed: intervals
-    line = next(x for x in report.write(runs).read_text().splitlines() if x.startswith("sst2 · minilm_l6: forgetting"))
+    line = next(x for x in reporting.write(runs).read_text().splitlines() if x.startswith("sst2 · minilm_l6: forgetting"))
     assert "one seed" not in line and line.split("):", 1)[1].count(" ± ") == 2
 
 
@@ -539,7 +539,7 @@ def test_learning_curves_give_the_paired_gap_at_each_checkpoint_and_its_trend(tm
     assert moved["word"] == word
     late = curves.still_improving(df, row_at(ranks, 4)["config_id"], "accuracy")
     assert late["change"] == pytest.approx(100 * 0.85 - np.mean([gaps.loc[1, "lora"]]), abs=0.051)
-    report.write(tmp_path)
+    reporting.write(tmp_path)
     text = (tmp_path.parent / "report.md").read_text()
     assert f"**The gap to full FT was {word}**" in text and "### Learning curves (tuning split)" in text
 
@@ -558,5 +558,5 @@ def test_batching_comparison_pairs_each_batching_with_random_batches(tmp_path, t
     assert compared.loc["grouped", "delta"] == pytest.approx(-2.0, abs=1e-9) and compared.loc["grouped", "differs"]
     assert compared.loc["grouped", "delta_high"] < 0 < compared.loc["sorted", "delta_high"]
     assert compared["paired_seeds"].dropna().tolist() == [3, 3]
-    report.write(tmp_path)
+    reporting.write(tmp_path)
     assert "## Batching: does the way batches are drawn move the result?" in (tmp_path.parent / "report.md").read_text()

@@ -16,14 +16,14 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from lora_sweep.analysis import cli as analysis_cli
+from lora_sweep import reporting as analysis_cli
 from lora_sweep import cli, deploy, estimate_cli, experiment, records, settings
 
 QUICK = ["train.max_steps=2", "task.max_train_examples=64", "task.max_eval_examples=32", "train.save_adapter=false"]
 
 
 def arguments(tmp_path: Path, overrides) -> list[str]:
-    return [f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'out'}",
+    return [f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'out'}",
             *QUICK, *overrides]
 
 
@@ -136,11 +136,11 @@ def read_only(monkeypatch):  # chmod means nothing to root: the refusal the OS g
 
 
 @pytest.mark.parametrize("overrides,prepare,message,never", [
-    (["results_dir={tmp}/a_file/runs"], None,
-     "{tmp}/a_file/runs: Not a directory; point results_dir, cache_dir or artifacts_dir at a folder you can write", ""),
+    (["runs_dir={tmp}/a_file/runs"], None,
+     "{tmp}/a_file/runs: Not a directory; point runs_dir, cache_dir or artifacts_dir at a folder you can write", ""),
     (["cache_dir={tmp}/a_file/cache"], None, "{tmp}/a_file/cache/tokenized: Not a directory", ""),
-    ([], read_only, "{tmp}/runs: Permission denied; point results_dir, cache_dir or artifacts_dir at a folder you can write", ""),
-    ([], no_space, "{tmp}/runs: No space left on device; free some space, or point results_dir, cache_dir or artifacts_dir at another disk", ""),
+    ([], read_only, "{tmp}/runs: Permission denied; point runs_dir, cache_dir or artifacts_dir at a folder you can write", ""),
+    ([], no_space, "{tmp}/runs: No space left on device; free some space, or point runs_dir, cache_dir or artifacts_dir at another disk", ""),
     (["model.name_or_path={tmp}/empty"], None, "model.name_or_path={tmp}/empty is a folder but not a model: it has no config.json", ""),
     (["model.name_or_path={tmp}/typo"], None, "model.name_or_path={tmp}/typo: no such folder", "cannot be reached"),
     (["model.name_or_path=models/typo"], None, "model.name_or_path=models/typo: no such folder", "cannot be reached"),
@@ -198,7 +198,7 @@ TOO_LONG = "train.max_seq_len=129 is longer than the model's 128 positions (max_
 
 
 @pytest.mark.parametrize("overrides,prepare,message", [
-    ([], read_only, "{tmp}/runs: Permission denied; point results_dir, cache_dir or artifacts_dir at a folder you can write"),
+    ([], read_only, "{tmp}/runs: Permission denied; point runs_dir, cache_dir or artifacts_dir at a folder you can write"),
     (["method.r=1,2", "-m"], read_only, "{tmp}/runs: Permission denied"),
     (["train.max_seq_len=129"], None, TOO_LONG),
     (["method=full", "train.max_seq_len=129"], None, TOO_LONG),
@@ -259,12 +259,12 @@ def test_lora_estimate_reads_a_corrupt_config_as_one_line(tmp_path, capsys, tiny
 
 
 @pytest.mark.parametrize("override,quoted", [("model.name_or_path=~/models/x", "model.name_or_path='~/models/x'"),
-                                             ("results_dir=runs/ü", "results_dir='runs/ü'")])
+                                             ("runs_dir=runs/ü", "runs_dir='runs/ü'")])
 def test_a_value_hydra_cannot_read_unquoted_gets_the_quoting_hint(tmp_path, capsys, monkeypatch, override, quoted):
     result = lora_sweep(tmp_path, override, capsys=capsys, monkeypatch=monkeypatch)
     assert result.returncode == 2 and result.stderr.splitlines() == [
         f"error: cannot read {override}: a value holding ~, a non-ASCII letter or another character outside Hydra's grammar "
-        f"must be quoted, inside the shell's quotes: \"{quoted}\" (for example \"results_dir='runs/ü'\")"]
+        f"must be quoted, inside the shell's quotes: \"{quoted}\" (for example \"runs_dir='runs/ü'\")"]
     key, value = override.split("=")
     assert OmegaConf.select(OmegaConf.structured(settings.compose(quoted)), key) == value  # the hint works
 
@@ -290,7 +290,9 @@ def test_lora_deploy_fails_when_it_measured_nothing(tmp_path, capsys, monkeypatc
     """The default run's adapter is not on disk (a clean clone): nothing is measured, and the exit status says so."""
     records.write_record(tmp_path / "runs", {"run_id": "abc", "status": "done", "task": "sst2", "model": "minilm_l6",
                                              "method": "lora", "baseline_run_id": None, "artifact": None})
-    monkeypatch.setattr(deploy, "default_run", lambda runs_dir: ("abc", "the rank the analysis recommends"))
+    monkeypatch.setattr(deploy, "load_records", lambda runs_dir: (None, []))  # the record above is no analysable one
+    monkeypatch.setattr(deploy, "analyse", lambda runs, skipped: None)
+    monkeypatch.setattr(deploy, "default_run", lambda analysis, runs_dir: ("abc", "the rank the analysis recommends"))
     with pytest.raises(SystemExit) as exit_info:
         deploy.main([str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
     assert exit_info.value.code == 1 and "abc: its adapter and full-FT checkpoint is not on disk" in capsys.readouterr().err

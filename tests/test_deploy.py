@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from lora_sweep.analysis import report
+from lora_sweep import reporting
 from lora_sweep import adapters, deploy, experiment, records
 from lora_sweep.settings import MethodSettings, compose
 from tests.conftest import tiny_bert
@@ -130,9 +130,9 @@ def test_lora_deploy_writes_a_record_and_the_report_its_section(tmp_path, tiny_b
     results = tmp_path / "results"
     few = ["train.max_steps=2", "train.batch_size=8", "task.max_train_examples=32", "task.max_eval_examples=40",
            "task.tune_examples=20", "train.threads=1", "train.memory_probe=false", "method.r=2",
-           f"model.name_or_path={tiny_bert_dir}", f"results_dir={results / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]
+           f"model.name_or_path={tiny_bert_dir}", f"runs_dir={results / 'runs'}", f"cache_dir={tmp_path / 'cache'}"]
     runs = [experiment.run(compose(*few, f"train.seed={seed}")) for seed in (0, 1)]
-    report.write(results / "runs")
+    reporting.write(results / "runs")
     assert "No deployment measurements: run `lora-deploy" in (results / "report.md").read_text()
 
     with pytest.raises(SystemExit) as done:
@@ -149,7 +149,7 @@ def test_lora_deploy_writes_a_record_and_the_report_its_section(tmp_path, tiny_b
     assert record["many"][1]["tensor_bytes"]["mixed batch"] < record["many"][1]["tensor_bytes"]["merged models"]
     for size in ("batch_1", "batch_32"):
         assert record["latency"][size]["merged/base"]["n"] == 2 and record["latency"][size]["seconds_per_batch"]["merged"]["median"] > 0
-    report.write(results / "runs")
+    reporting.write(results / "runs")
     text = (results / "report.md").read_text()
     assert "## Deployment" in text and runs[0]["run_id"] in text.split("## Deployment")[1] and (results / "plots" / "deployment.png").is_file()
 
@@ -164,7 +164,7 @@ def test_the_embeddings_preset_trains_the_real_minilm(tmp_path):
         "train.max_steps=2", "train.batch_size=8", "task.max_train_examples=32", "task.max_eval_examples=16",
         "task.tune_examples=16", "train.threads=1", "pair_baseline=false", "train.save_adapter=false",
         "train.memory_probe=false", "method.targets=embeddings", "method.r=4",
-        f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
+        f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
     assert record["status"] == "done" and record["adapted_modules"] == ["bert.embeddings.word_embeddings"]
     assert record["params"]["adapter"] == (30522 + 384) * 4
 

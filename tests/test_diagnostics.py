@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from lora_sweep.analysis.diagnostics import _phi, spectrum_vs_rank
+from lora_sweep.analysis.diagnostics import spectrum_vs_rank
+from lora_sweep.updates import _phi
 from lora_sweep import adapters, diagnostics
 from lora_sweep.settings import MethodSettings
 from tests.conftest import tiny_bert

@@ -85,12 +85,12 @@ def records_in(folder: Path) -> list[dict]:
 
 
 def test_two_processes_train_what_one_process_trains(tmp_path, no_dropout_bert, one_thread):
-    result = launch(tmp_path, no_dropout_bert, "method=full", "train.distributed=ddp", f"results_dir={tmp_path / 'two'}")
+    result = launch(tmp_path, no_dropout_bert, "method=full", "train.distributed=ddp", f"runs_dir={tmp_path / 'two'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     [two] = records_in(tmp_path / "two")
     assert (tmp_path / "lock_holders").read_text() == "0\n"  # one process held the run's lock (and wrote the one record)
     one = experiment.run(compose(f"model.name_or_path={no_dropout_bert}", f"cache_dir={tmp_path / 'cache'}", *RUN,
-                                 "method=full", f"results_dir={tmp_path / 'one'}"))
+                                 "method=full", f"runs_dir={tmp_path / 'one'}"))
     assert two["run_id"] == one["run_id"] and two["status"] == one["status"] == "done"
     assert two["processes"] == {"mode": "ddp", "world_size": 2, "per_process_batch": 4, "grad_accum": 1, "global_batch": 8}
     assert one["processes"]["world_size"] == 1
@@ -116,12 +116,12 @@ def test_two_processes_train_what_one_process_trains(tmp_path, no_dropout_bert, 
 
     # a LoRA run in one process pairs with the baseline the two processes trained
     lora = experiment.run(compose(f"model.name_or_path={no_dropout_bert}", f"cache_dir={tmp_path / 'cache'}", *RUN,
-                                  f"results_dir={tmp_path / 'two'}"))
+                                  f"runs_dir={tmp_path / 'two'}"))
     assert lora["status"] == "done" and lora["baseline_run_id"] == two["run_id"] and lora["baseline_status"] == "done"
 
 
 def test_a_failing_process_leaves_a_failed_record(tmp_path, tiny_bert_dir):
-    result = launch(tmp_path, tiny_bert_dir, "method=full", "train.distributed=ddp", f"results_dir={tmp_path / 'runs'}", fail_rank=1)
+    result = launch(tmp_path, tiny_bert_dir, "method=full", "train.distributed=ddp", f"runs_dir={tmp_path / 'runs'}", fail_rank=1)
     assert result.returncode != 0
     [record] = records_in(tmp_path / "runs")
     assert record["status"] == "failed", record["status"]

@@ -17,7 +17,7 @@ FEW = ["train.max_steps=4", "train.batch_size=8", "train.log_every=2", "task.max
 
 
 def settings_for(tmp_path, *overrides):
-    return compose_settings(*FEW, f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", *overrides)
+    return compose_settings(*FEW, f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", *overrides)
 
 
 def test_one_lora_run_writes_a_complete_record_with_its_baseline(tmp_path):
@@ -106,7 +106,7 @@ def test_same_seed_twice_gives_identical_results_and_the_second_is_skipped(tmp_p
 def test_a_diverging_run_is_recorded_as_diverged_with_its_step(tmp_path, tiny_bert_dir, lr, reason):
     record = experiment.run(compose_settings(
         *FEW, f"model.name_or_path={tiny_bert_dir}", "method=full", f"method.lr={lr}", "train.warmup_ratio=0",
-        "train.max_steps=20", f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
+        "train.max_steps=20", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
     assert record["status"] == "diverged" and record["error"].startswith(reason.format(step=record["diverged_at_step"]))
     assert 1 < record["diverged_at_step"] < 20 and record["time"]["steps"] == record["diverged_at_step"] - 1
     assert "metrics" not in record and "examples" not in record and "tune_value" not in record
@@ -118,7 +118,7 @@ def test_wandb_logger_works_offline_inside_the_results_folder(tmp_path, tiny_ber
     monkeypatch.delenv("WANDB_DIR", raising=False)
     record = experiment.run(compose_settings(
         *FEW, f"model.name_or_path={tiny_bert_dir}", "logger=wandb", "pair_baseline=false",
-        f"results_dir={tmp_path / 'results' / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
+        f"runs_dir={tmp_path / 'results' / 'runs'}", f"cache_dir={tmp_path / 'cache'}"))
     assert record["status"] == "done"
     runs = list((tmp_path / "results" / "runs" / "wandb").glob("wandb/offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -113,7 +113,7 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         "gradient_checkpointing": "true", "optimizer": "sgd", "device_tflops": 312, "utilization": 0.5}.items()},
     "analysis": {"target_model": [((), ("analysis.target_model=llama3_1_8b",), SAME)]},  # the report only
     "": {  # top-level settings: where results go and how a sweep treats existing runs
-        "results_dir": [((), ("results_dir={tmp}/elsewhere",), SAME)],
+        "runs_dir": [((), ("runs_dir={tmp}/elsewhere",), SAME)],
         "cache_dir": [((), ("cache_dir={tmp}/other_cache",), SAME)],
         "pair_baseline": [((), ("pair_baseline=false",), SAME)],
         "rerun": [((), ("rerun=true",), SAME)],
@@ -131,7 +131,7 @@ CASES = [pytest.param(section, name, base, changed, expect, id=f"{section or 'to
 def test_every_settings_field_has_a_row():
     for section, cls in SECTIONS.items():
         assert set(TABLE[section]) == {f.name for f in dataclasses.fields(cls)}, section
-    top = {f.name for f in dataclasses.fields(Settings)} - set(SECTIONS)
+    top = {f.name for f in dataclasses.fields(Settings)} - set(SECTIONS) - {"results_dir"}  # runs_dir's deprecated name
     assert set(TABLE[""]) == top
     assert all(cases for section, rows in TABLE.items() for name, cases in rows.items() if (section, name) != ("baseline", "name"))
 
@@ -169,7 +169,7 @@ def planned(folders):
         resolved = [o.format(**folders) for o in overrides]
         if not any(o.startswith("model.name_or_path=") for o in resolved):
             resolved.insert(0, f"model.name_or_path={folders['bert']}")
-        settings = compose(f"results_dir={folders['tmp']}/runs", f"cache_dir={folders['tmp']}/cache", *resolved)
+        settings = compose(f"runs_dir={folders['tmp']}/runs", f"cache_dir={folders['tmp']}/cache", *resolved)
         return settings, experiment.plan(settings)
 
     return plan_for
@@ -252,7 +252,7 @@ def test_a_baseline_that_is_not_full_fine_tuning_is_refused(folders):
 
 def test_the_ids_are_stable_hashes_of_the_identity(planned):
     _, plan = planned(())
-    again = experiment.plan(compose(f"model.name_or_path={plan.model_path}", f"results_dir={plan.settings.results_dir}",
+    again = experiment.plan(compose(f"model.name_or_path={plan.model_path}", f"runs_dir={plan.settings.runs_dir}",
                                     f"cache_dir={plan.settings.cache_dir}"))
     assert again.run_id == plan.run_id == identity.run_id(plan.identity)
     assert len(plan.run_id) == 16 and int(plan.run_id, 16) >= 0

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lora_sweep.analysis import report
+from lora_sweep import reporting
 from lora_sweep import adapters, experiment, instruct, records
 from lora_sweep.errors import UserError
 from lora_sweep.settings import compose
@@ -160,7 +160,7 @@ def test_tiny_llama_runs_lora_and_full_and_the_analysis_draws_them(tmp_path, tin
             f"model.name_or_path={tiny_llama_dir}", "model.name=tiny_llama", "task=instruct/alpaca", f"method.r={r}",
             "method.lr=5e-3", "task.heldout_examples=8", "task.tune_examples=8", "task.max_train_examples=32",
             "task.generate_examples=2", "task.max_new_tokens=4", "train.max_steps=3", "train.batch_size=4", "train.max_seq_len=96",
-            "train.log_every=1", "train.eval_batch_size=8", "train.threads=1", f"results_dir={runs}", f"cache_dir={tmp_path / 'cache'}"))
+            "train.log_every=1", "train.eval_batch_size=8", "train.threads=1", f"runs_dir={runs}", f"cache_dir={tmp_path / 'cache'}"))
         assert record["status"] == "done" and record["primary_metric"] == "loss"
         metrics = record["metrics"]
         assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item())
@@ -178,7 +178,7 @@ def test_tiny_llama_runs_lora_and_full_and_the_analysis_draws_them(tmp_path, tin
     assert baseline["method"] == "full" and baseline["status"] == "done"
     assert baseline["params"]["trainable"] == baseline["params"]["total"]
     assert baseline["examples"]["dev"]["ids"] == record["examples"]["dev"]["ids"]  # the same held-out examples: paired
-    text = report.write(runs).read_text()
+    text = reporting.write(runs).read_text()
     assert "alpaca · tiny_llama" in text and "nats/token" in text
     svg = (tmp_path / "plots" / "alpaca_tiny_llama_metric_vs_params.svg").read_text()
     assert "loss (nats/token; lower is better)" in svg and "r=8" in svg and "full FT" in svg
@@ -209,7 +209,7 @@ def test_real_smollm_trains_a_couple_of_steps(tmp_path):
         "model=smollm2_135m", "task=instruct/alpaca", "method.r=4", "task.heldout_examples=8", "task.tune_examples=8",
         "task.max_train_examples=16", "train.eval_batch_size=8",
         "train.max_steps=2", "train.batch_size=2", "train.max_seq_len=64", "train.memory_probe=false", "train.save_adapter=false",
-        "train.forgetting_examples=16", "pair_baseline=false", f"results_dir={tmp_path / 'runs'}", f"cache_dir={REPO_CACHE}"))
+        "train.forgetting_examples=16", "pair_baseline=false", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={REPO_CACHE}"))
     assert record["status"] == "done" and 0 < record["metrics"]["loss"] < 10
     lost = record["forgetting"]  # held-out general text (STS-B sentences): a trained LM's loss there is a few nats per token
     assert lost["probe"] == "heldout_cross_entropy" and 3 < lost["before"] < 8 and lost["forgetting"] == pytest.approx(lost["after"] - lost["before"])

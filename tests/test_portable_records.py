@@ -14,7 +14,7 @@ TINY = ["train.max_steps=2", "train.batch_size=8", "task.max_train_examples=32",
 
 def test_a_record_holds_no_absolute_path_of_a_local_model(tmp_path, tiny_bert_dir, one_thread):
     runs = tmp_path / "runs"
-    record = experiment.run(compose(f"model.name_or_path={tiny_bert_dir}", f"results_dir={runs}", f"cache_dir={tmp_path / 'cache'}", *TINY))
+    record = experiment.run(compose(f"model.name_or_path={tiny_bert_dir}", f"runs_dir={runs}", f"cache_dir={tmp_path / 'cache'}", *TINY))
     assert record["status"] == "done"
     text = json.dumps(record)
     assert str(tiny_bert_dir) not in text and str(tmp_path) not in text
@@ -28,7 +28,7 @@ def test_a_record_holds_no_absolute_path_of_a_local_model(tmp_path, tiny_bert_di
 def test_a_model_folder_inside_the_results_folder_never_reads_as_a_hub_id(tmp_path, tiny_bert_dir):
     runs = tmp_path / "runs"
     model = shutil.copytree(tiny_bert_dir, runs / "models" / "tiny")
-    settings = compose(f"model.name_or_path={model}", f"results_dir={runs}", f"cache_dir={tmp_path / 'cache'}", *TINY)
+    settings = compose(f"model.name_or_path={model}", f"runs_dir={runs}", f"cache_dir={tmp_path / 'cache'}", *TINY)
     config = experiment._recorded_config(settings)
     assert config["model"]["name_or_path"] == "./models/tiny"
     again = records.run_settings({"config": config}, runs)

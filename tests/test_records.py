@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_sweep.analysis import cli as analysis_cli
-from lora_sweep.analysis import report
+from lora_sweep import reporting
+from lora_sweep import reporting as analysis_cli
 from lora_sweep import experiment, files, records
+from lora_sweep.errors import UserError
 from lora_sweep.settings import compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ TINY = ["task.max_train_examples=32", "task.max_eval_examples=16", "train.max_st
 
 
 def settings_for(folder: Path, model_dir: Path, *overrides: str):
-    return compose(*TINY, f"model.name_or_path={model_dir}", f"results_dir={folder / 'runs'}",
+    return compose(*TINY, f"model.name_or_path={model_dir}", f"runs_dir={folder / 'runs'}",
                    f"cache_dir={folder / 'cache'}", *overrides)
 
 
@@ -146,7 +147,7 @@ def test_a_record_names_no_absolute_path_or_host_and_keeps_tracebacks_in_a_log(t
     assert record["status"] == "failed" and record["error"] == "RuntimeError: boom; second line of the message"
     assert "traceback" not in record and "Traceback (most recent call last)" in (tmp_path / "runs" / record["log"]).read_text()
     config = record["config"]
-    assert (config["results_dir"], config["cache_dir"], config["artifacts_dir"]) == (".", "../cache", "../saved")
+    assert (config["runs_dir"], config["cache_dir"], config["artifacts_dir"]) == (".", "../cache", "../saved")
     assert (tmp_path / "runs" / config["task"]["data_dir"]).resolve() == (REPO.parent / "shared" / "data" / "glue").resolve()
     assert "host" not in record["environment"]
     saved = {k: v for k, v in record.items() if k not in ("identity", "model_name_or_path")}  # the model path is the user's id of the model
@@ -166,21 +167,21 @@ def test_a_killed_analysis_leaves_the_earlier_report_and_tables(tmp_path, done, 
     runs.mkdir()
     record = done[1]
     records.record_path(runs, record["run_id"]).write_bytes(records.record_path(done[0] / "runs", record["run_id"]).read_bytes())
-    first = report.write(runs).read_text()
+    first = reporting.write(runs).read_text()
     tables = {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()}
     records.write_record(runs, {**record, "run_id": "f" * 16, "seed": 1})
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report, "_runs_not_done", killed)  # late in the analysis: tables and plots are written
+    monkeypatch.setattr(reporting.report, "_runs_not_done", killed)  # late in the analysis: tables and plots are written
     with pytest.raises(KeyboardInterrupt):
-        report.write(runs)
+        reporting.write(runs)
     assert (tmp_path / "report.md").read_text() == first and "f" * 16 not in first
     assert {p.name: p.read_bytes() for p in (tmp_path / "tables").iterdir()} == tables
     assert not list(tmp_path.glob(".analysis-*"))
     monkeypatch.undo()
-    assert "f" * 16 in report.write(runs).read_text() and not list(tmp_path.glob(".analysis-*"))
+    assert "f" * 16 in reporting.write(runs).read_text() and not list(tmp_path.glob(".analysis-*"))
 
 
 ABSOLUTE = re.compile(r'"(/|[A-Za-z]:\\\\|~/)[^"]*"')
@@ -204,9 +205,26 @@ def test_lora_analyze_that_cannot_write_says_so_in_one_line(tmp_path, done, caps
     def refuse(dir, **kwargs):  # chmod means nothing to root: the refusal anyone else gets, simulated
         raise PermissionError(errno.EACCES, "Permission denied", str(dir))
 
-    monkeypatch.setattr(report.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(reporting.report.tempfile, "mkdtemp", refuse)
     with pytest.raises(SystemExit) as exit_info:
         analysis_cli.main([str(tmp_path)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path}: Permission denied; point results_dir, "
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path}: Permission denied; point runs_dir, "
                                                             "cache_dir or artifacts_dir at a folder you can write"]
+
+
+def test_results_dir_is_read_as_runs_dir_with_one_warning_line(capsys):
+    """The old name of the runs folder still works for a release: the same folders, and a line that says what to use."""
+    old = compose("results_dir=elsewhere/runs")
+    assert (old.runs_dir, old.results_dir, old.artifacts_dir) == ("elsewhere/runs", None, "elsewhere/runs/artifacts")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: results_dir is deprecated and will be removed; use runs_dir=elsewhere/runs (the folder of the run records)"]
+    with pytest.raises(UserError, match="results_dir=a and runs_dir=b disagree"):
+        compose("results_dir=a", "runs_dir=b")
+
+
+def test_lora_analyze_takes_the_results_folder_or_its_runs_folder(tmp_path, done):
+    """`lora-analyze results/runs` (the folder a sweep was told to write to) and `lora-analyze results` are the same."""
+    assert records.runs_folder(done[0]) == done[0] / "runs"
+    assert records.runs_folder(done[0] / "runs") == done[0] / "runs"
+    assert records.runs_folder(tmp_path / "nothing") == tmp_path / "nothing" / "runs"  # its error names the runs folder

@@ -25,7 +25,7 @@ def test_ctrl_c_during_a_run_is_one_line_exit_130_and_no_record(tmp_path, tiny_b
     signal raised inside the test process can reach pytest's own handler and end the whole session."""
     out = tmp_path / "out.log"
     command = [sys.executable, "-m", "lora_sweep", "pair_baseline=false", f"model.name_or_path={tiny_bert_dir}",
-               f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "train.max_steps=100000", *TINY]
+               f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", "train.max_steps=100000", *TINY]
     with open(out, "w") as stdout, open(tmp_path / "err.log", "w") as stderr:
         run = subprocess.Popen(command, stdout=stdout, stderr=stderr, start_new_session=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -60,7 +60,7 @@ def test_a_stopped_parallel_sweep_ends_its_workers_and_writes_no_record(tmp_path
     group): the joblib workers end with it, so no record is written after the stop."""
     out = tmp_path / "out.log"
     command = [sys.executable, "-m", "lora_sweep", "-m", "hydra/launcher=local", "method.r=1,2", "pair_baseline=false",
-               f"model.name_or_path={tiny_bert_dir}", f"results_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
+               f"model.name_or_path={tiny_bert_dir}", f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}",
                "train.max_steps=100000", *TINY]
     with open(out, "w") as stdout, open(tmp_path / "err.log", "w") as stderr:
         sweep = subprocess.Popen(command, stdout=stdout, stderr=stderr, start_new_session=True,

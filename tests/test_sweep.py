@@ -23,7 +23,7 @@ TINY = ["task.max_train_examples=48", "task.max_eval_examples=32", "train.max_st
 def sweep(tmp_path: Path, model_dir: Path, *overrides: str, results: str = "runs", wait: bool = True, sweep_dir: bool = True):
     """`lora-sweep -m` run from `tmp_path`; `sweep_dir=False` leaves Hydra's sweep folder to the default."""
     args = [sys.executable, "-m", "lora_sweep", "-m", f"model.name_or_path={model_dir}", *TINY,
-            f"results_dir={tmp_path / results}", f"cache_dir={tmp_path / 'cache'}",
+            f"runs_dir={tmp_path / results}", f"cache_dir={tmp_path / 'cache'}",
             *([f"hydra.sweep.dir={tmp_path / 'multirun' / str(time.time_ns())}"] if sweep_dir else []), *overrides]
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     if not wait:

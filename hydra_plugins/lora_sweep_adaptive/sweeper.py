@@ -182,7 +182,7 @@ class _Rounds:
         self.token = sweep.sweep_token(str(sweep_dir))
         self.runs: dict[int, list[str]] = {}  # grid point -> its run ids, seed by seed
         self.baselines: list[str] = []
-        self.results_dir: str | None = None
+        self.runs_dir: str | None = None
         self.keys: dict[str, tuple] = {}  # run id -> (context id, targets, rank; None for full FT), from its record
         self.started = time.time()
         self.log: dict[str, Any] = {
@@ -238,7 +238,7 @@ class _Rounds:
         for seed in seeds:
             for i in points:
                 settings = compose_job(self.config_name, self.grid.jobs([self.grid.points[i]], [seed])[0])
-                self.results_dir = settings.results_dir
+                self.runs_dir = settings.runs_dir
                 self.runs.setdefault(i, []).append(experiment.plan(settings).run_id)
                 if settings.method.name == "lora" and settings.pair_baseline:
                     baseline = experiment.baseline_settings(settings)
@@ -257,9 +257,9 @@ class _Rounds:
         from lora_sweep import records
 
         ids = self.log["run_ids"]
-        found = {rid: records.read_record(self.results_dir, rid) for rid in ids}
+        found = {rid: records.read_record(self.runs_dir, rid) for rid in ids}
         failed = [rid for rid, record in found.items() if not record or record["status"] == "failed"]
-        df, _ = load_records(self.results_dir, [rid for rid, record in found.items() if record])
+        df, _ = load_records(self.runs_dir, [rid for rid, record in found.items() if record])
         self.keys = {row.run_id: (row.context_id, row.targets, None if row.method == "full" else int(row.r))
                      for row in df.itertuples()}
         return adaptive.decide(df, self.settings.margin, self.settings.initial_seeds, self.settings.max_seeds), failed
@@ -284,7 +284,7 @@ class _Rounds:
         from lora_sweep.analysis import adaptive
 
         adaptive.write_log(self.sweep_dir / adaptive.LOG_NAME, self.log)
-        adaptive.write_log(adaptive.log_path(self.results_dir), self.log)
+        adaptive.write_log(adaptive.log_path(self.runs_dir), self.log)
 
     def _say(self, groups: list[dict[str, Any]]) -> None:
         print(f"[sweep] adaptive sweep stopped after {len(self.log['rounds'])} round(s): {self.log['stopped']}")

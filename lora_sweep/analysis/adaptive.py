@@ -122,9 +122,9 @@ def answer_text(rows: list[Mapping[str, Any]], result: Answer, margin: float, un
         f"r={x['r']} ({_interval(x) if x.get('look') else 'no paired result'}; would take {settle_text(x, max_seeds)})" for x in open_)
 
 
-def log_path(results_dir: str | Path) -> Path:
+def log_path(runs_dir: str | Path) -> Path:
     """Where a sweep's decisions are kept for the report: beside the records folder, as report.md."""
-    return Path(results_dir).parent / LOG_NAME
+    return Path(runs_dir).parent / LOG_NAME
 
 
 def write_log(path: Path, log: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Why a rank is enough: the updates themselves, from the saved artifacts (lora_sweep.diagnostics does the algebra).
+"""Why a rank is enough: the report's section on the updates themselves, from the tables lora_sweep.updates measures.
 
 - LoRA runs: ΔW of every adapted module (PEFT's get_delta_weight on the saved adapter), its spectrum, effective rank
   and amplification factor; subspace similarity φ between a low and a high rank (same seed) and between seeds of the
@@ -6,29 +6,23 @@
 - Full FT runs: ΔW = W_fine-tuned − W₀ for every matrix a LoRA preset can target (W₀ from the model's source).
 - The rank advisor: per-module ranks from full FT's ΔW spectra at the parameter budget of a uniform rank.
 
-Artifacts are not committed, so what is measured is cached in small tables beside the report (`tables/update_*.csv`,
-`tables/phi.csv`, top SPECTRUM_TOP singular values per matrix): a clean clone rebuilds the section from them.
+Artifacts are not committed, so the tables are kept beside the report (`tables/update_*.csv`, `tables/phi.parquet`,
+top SPECTRUM_TOP singular values per matrix): a clean clone rebuilds the section from them.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
-from peft import PeftModel
 from scipy import stats as scipy_stats
 
 from lora_sweep.analysis import plots, tables
-from lora_sweep import adapters, diagnostics, records
 from lora_sweep.metrics import metric_info
-from lora_sweep.experiment import family_of
-from lora_sweep.hub import resolve_model
 
 SPECTRUM_TOP = 64  # singular values kept per matrix in the cached table
 PHI_SEEDS_MAX = 32  # φ between seeds: i, j up to this
@@ -36,136 +30,10 @@ LOW_RANK = 8  # φ between ranks: this rank (or the smallest above it) against t
 TABLES = {"update_ranks": "csv", "update_spectra": "parquet", "phi": "parquet"}  # cached tables and their formats
 
 
-def _layer_and_matrix(name: str) -> tuple[int, str]:
+def layer_and_matrix(name: str) -> tuple[int, str]:
     """'bert.encoder.layer.3.attention.self.query' -> (3, 'attention.self.query')."""
     match = re.search(r"\.(\d+)\.(.+)$", name)
     return (int(match.group(1)), match.group(2)) if match else (-1, name)
-
-
-def updates(record: dict[str, Any], records_dir: Path) -> tuple[dict[str, torch.Tensor], ...] | None:
-    """(ΔW, W₀, LoRA's A) by module name for one run (no A for full FT), or None when its artifact is not on disk."""
-    artifact = records.artifact_dir(record, records_dir)
-    if artifact is None:
-        return None
-    settings = records.run_settings(record, records_dir)
-    family, path = family_of(settings), resolve_model(settings.model.name_or_path, settings.cache_dir)
-    base = family.load_model(path, settings)
-    if record["method"] == "full":
-        names = [n for n, m in adapters.adaptable_modules(base, adapters.family_of(base)).items() if isinstance(m, torch.nn.Linear)]
-        tuned = family.load_model(str(artifact), settings)
-        weights = {n: base.get_submodule(n).weight.detach().double() for n in names}
-        return {n: tuned.get_submodule(n).weight.detach().double() - weights[n] for n in names}, weights, {}
-    weights = {n: base.get_submodule(n).weight.detach().double().clone() for n in record["adapted_modules"]}
-    model = PeftModel.from_pretrained(base, artifact)
-    return diagnostics.lora_deltas(model), weights, diagnostics.lora_a(model)
-
-
-def _describe(record: dict[str, Any]) -> dict[str, Any]:
-    return {"run_id": record["run_id"], "config_id": record["config_id"], "context_id": record["context_id"],
-            "task": record["task"], "model": record["model"], "method": record["method"], "r": record.get("r"),
-            "targets": record.get("targets") if isinstance(record.get("targets"), str) or record.get("targets") is None
-            else ",".join(record["targets"]), "rank_pattern": bool(record.get("rank_pattern")), "seed": record["seed"]}
-
-
-def measure(run_records: list[dict[str, Any]], records_dir: Path, paired: set[str]) -> dict[str, pd.DataFrame]:
-    """The three cached tables, measured from the runs' artifacts (every run given has one on disk); φ pairs runs of
-    the configurations in `paired` only."""
-    ranks, spectra, directions = [], [], {}
-    for record in run_records:
-        deltas, weights, a_matrices = updates(record, records_dir)
-        about = _describe(record)
-        for name, delta in deltas.items():
-            factors = diagnostics.svd(delta)
-            sigma = factors.S.numpy()
-            layer, matrix = _layer_and_matrix(name)
-            lora = record["method"] == "lora"
-            r = (record.get("rank_pattern") or {}).get(name, record.get("r")) if lora else None
-            ranks.append({**about, "module": name, "layer": layer, "matrix": matrix, "d_out": delta.shape[0], "d_in": delta.shape[1],
-                          "energy": float(np.square(sigma).sum()), "rank90": diagnostics.effective_rank(sigma, 0.9),
-                          "rank99": diagnostics.effective_rank(sigma, 0.99),
-                          "amplification": diagnostics.amplification(factors, weights[name], r) if lora else np.nan})
-            kept = sigma[:min(SPECTRUM_TOP, r or SPECTRUM_TOP)]
-            spectra += [{"run_id": record["run_id"], "module": name, "k": k + 1, "sigma": float(f"{s:.5g}")} for k, s in enumerate(kept)]
-            if lora:
-                directions[(record["run_id"], name)] = diagnostics.right_directions(a_matrices[name], min(r, SPECTRUM_TOP))
-    tables = {"update_ranks": pd.DataFrame(ranks), "update_spectra": pd.DataFrame(spectra),
-              "phi": _phi(pd.DataFrame(ranks), directions, paired)}
-    return tables
-
-
-def _phi(ranks: pd.DataFrame, directions: dict, paired: set[str]) -> pd.DataFrame:
-    """φ(i, j) averaged over layers, then over run pairs (a low rank against the highest at the same seed, and seeds of
-    the highest), with the lowest and highest pair's value beside it: the spread a handful of seeds gives. Only runs of
-    `paired` configurations are paired, so that each rank is the configuration chosen on the tuning split (runs at
-    another learning rate are not mixed in)."""
-    if ranks.empty or not directions:
-        return pd.DataFrame(columns=["context_id", "comparison", "matrix", "i", "j", "phi", "phi_low", "phi_high", "pairs", "layers", "d"])
-    lora = ranks[(ranks["method"] == "lora") & ~ranks["rank_pattern"] & ranks["config_id"].isin(paired)]
-    rows = []
-    for (context, _), group in lora.groupby(["context_id", "targets"]):
-        present = sorted(group["r"].unique())
-        high = present[-1]
-        low = next((r for r in present if r >= LOW_RANK and r < high), present[0])
-        runs = group.drop_duplicates("run_id").set_index("run_id")
-        low, high = int(low), int(high)
-        pairs = {f"r={low} vs r={high}, same seed": [(a, b) for a, b in itertools.product(runs.index[runs["r"] == low], runs.index[runs["r"] == high])
-                                                     if runs.at[a, "seed"] == runs.at[b, "seed"]] if low != high else [],
-                 f"r={high}: seed vs seed": list(itertools.combinations(sorted(runs.index[runs["r"] == high]), 2))}
-        for label, run_pairs in pairs.items():
-            for matrix, modules in group.groupby("matrix"):
-                names = modules["module"].unique()
-                per_pair = [np.mean([diagnostics.phi_grid(directions[(a, m)], directions[(b, m)]) for m in names], axis=0)
-                            for a, b in run_pairs if all((a, m) in directions and (b, m) in directions for m in names)]
-                if not per_pair:
-                    continue
-                stacked = np.stack(per_pair)
-                if "seed vs seed" in label:
-                    stacked = stacked[:, :PHI_SEEDS_MAX, :PHI_SEEDS_MAX]
-                grid, low_grid, high_grid = stacked.mean(axis=0), stacked.min(axis=0), stacked.max(axis=0)
-                rows += [{"context_id": context, "comparison": label, "matrix": matrix, "i": i + 1, "j": j + 1, "phi": float(f"{grid[i, j]:.4g}"),
-                          "phi_low": float(f"{low_grid[i, j]:.4g}"), "phi_high": float(f"{high_grid[i, j]:.4g}"),
-                          "pairs": len(per_pair), "layers": len(names), "d": int(directions[run_pairs[0][0], names[0]].shape[0])}
-                         for i in range(grid.shape[0]) for j in range(grid.shape[1])]
-    return pd.DataFrame(rows)
-
-
-def load_or_measure(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path) -> tuple[dict[str, pd.DataFrame] | None, str]:
-    """The tables measured from the artifacts on disk, with the rows of the other runs from the cached tables of an
-    earlier analysis beside the records (all limited to these runs); None and why when there is neither. φ comes from
-    the artifacts when any is on disk (it pairs runs of the configurations chosen on the tuning split), else from the
-    cache. The note says where everything came from."""
-    done = df[(df["status"] == "done") & df["method"].isin(["lora", "full"])]
-    run_records = [records.load(records_dir / f"{rid}.json") for rid in done["run_id"]]
-    have = [r for r in run_records if records.artifact_dir(r, records_dir)]
-    cache = records_dir.parent / "tables"
-    cached = ({name: pd.read_csv(cache / f"{name}.csv") if kind == "csv" else pd.read_parquet(cache / f"{name}.{kind}")
-               for name, kind in TABLES.items()} if all((cache / f"{name}.{kind}").is_file() for name, kind in TABLES.items()) else None)
-    if not have and cached is None:
-        return None, "No saved adapters or models are on disk (artifacts are not committed) and no cached tables exist: no update analyses."
-    paired = set(tables.tuned(agg[agg["method"] == "lora"], ["context_id", "targets", "r"])["config_id"]) if len(agg) else set()
-    found = _measure_on_one_thread(have, records_dir, paired) if have else dict(cached)
-    from_cache = set(done["run_id"]) - {r["run_id"] for r in have}
-    reused = 0
-    for name in ("update_ranks", "update_spectra"):
-        if have and cached is not None:
-            extra = cached[name][cached[name]["run_id"].isin(from_cache)]
-            reused = extra["run_id"].nunique()
-            found[name] = pd.concat([found[name], extra], ignore_index=True)
-        found[name] = found[name][found[name]["run_id"].isin(set(done["run_id"]))]
-    note = (f"measured from the saved artifacts of {len(have)} runs" if have else "read from the cached tables of an earlier analysis"
-            + " (the saved artifacts are not on disk)")
-    if reused:
-        note += f"; {reused} runs' rows read from the cached tables of an earlier analysis (their artifacts are not on disk)"
-    return found, note
-
-
-def _measure_on_one_thread(run_records: list[dict[str, Any]], records_dir: Path, paired: set[str]) -> dict[str, pd.DataFrame]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float64 SVDs on cores shared with other work: ~25x faster on one thread than on two (measured)
-    try:
-        return measure(run_records, records_dir, paired)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def save(tables: dict[str, pd.DataFrame], folder: Path) -> None:
@@ -256,10 +124,10 @@ def _rank_summary(ranks: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def section(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path, out: Path) -> list[str]:
-    """The report's section on the updates, the rank advisor, the spectrum against the rank curve, and forgetting."""
+def section(df: pd.DataFrame, agg: pd.DataFrame, found: dict[str, pd.DataFrame] | None, note: str, out: Path) -> list[str]:
+    """The report's section on the updates (the tables lora_sweep.updates measured, and where from: `note`), the rank
+    advisor, the spectrum against the rank curve, and forgetting."""
     lines = ["## Why a rank is enough: the updates, the rank advisor, forgetting", ""]
-    found, note = load_or_measure(df, agg, records_dir)
     lines += _forgetting(df, agg, out)
     if found is None:
         return lines + [note, ""]
@@ -329,14 +197,14 @@ def _advisor(ranks, spectra, lora, agg, df, out, slug) -> list[str]:
     path = write_pattern(pattern, out / "tables" / f"rank_pattern_{slug}_{targets}_r{ADVISE_R}.yaml",
                          f"Advised by lora-analyze from full FT's ΔW spectra ({ranks.loc[ranks['method'] == 'full', 'seed'].nunique()} seeds):\n"
                          f"{adapter_parameters(pattern, shapes)} adapter parameters = uniform r={ADVISE_R} on {targets}")
-    by_matrix = pd.Series({m: r for m, r in pattern.items()}).groupby(lambda m: _layer_and_matrix(m)[1]).apply(list)
+    by_matrix = pd.Series({m: r for m, r in pattern.items()}).groupby(lambda m: layer_and_matrix(m)[1]).apply(list)
     lines = [f"**Rank advisor** (`{path.relative_to(out).as_posix()}`, use with `method.rank_pattern=<that file>`): per-layer ranks "
              f"from full FT's ΔW spectra at the budget of uniform r={ADVISE_R} on {targets} "
              f"({adapter_parameters(pattern, shapes):,} = {uniform:,} adapter parameters). By layer: "
              + "; ".join(f"{m} {ranks_}" for m, ranks_ in by_matrix.items()) + ". Full FT's spectra are the probe because the "
              "baseline already ran (no extra training), they show where the full update puts its energy without a rank cap, "
              "and, unlike one high-rank LoRA run, they are not shaped by the LoRA parametrisation being tuned.", ""]
-    advised = agg[(agg["method"] == "lora") & agg["targets"].str.contains("rank_pattern", na=False)]
+    advised = agg[(agg["method"] == "lora") & agg["rank_pattern"].notna()]
     plain = agg[(agg["method"] == "lora") & (agg["targets"] == targets) & (agg["r"] == ADVISE_R)]
     for _, row in advised.iterrows():
         base = plain[(plain["context_id"] == row["context_id"]) & (plain["lr"] == row["lr"])]

@@ -12,98 +12,85 @@ import pandas as pd
 from lora_sweep import identity, records
 from lora_sweep.errors import UserError
 from lora_sweep.metrics import metric_info
-from lora_sweep.records import SCHEMA_VERSION
+from lora_sweep.records import SCHEMA_VERSION, RunRecord
 
 MIB = 2**20
 IN_MEMORY_ONLY = ["examples", "tune_curve"]  # per-example outputs: for the paired tests, not for export
 
 
-def _tune_curve(record: dict[str, Any]) -> dict[str, Any] | None:
+def _tune_curve(record: RunRecord) -> dict[str, Any] | None:
     """The tuning split's learning curve with what pairs it example by example: its labels and ids."""
-    tune = (record.get("examples") or {}).get("tune") or {}
-    if not record.get("tune_curve"):
+    if not record["tune_curve"]:
         return None
+    tune = (record["examples"] or {}).get("tune") or {}
     return {"ids": tune.get("ids"), "labels": tune.get("labels"), "points": record["tune_curve"]}
 
 
-def _row(record: dict[str, Any]) -> dict[str, Any]:
-    config = record.get("config") or {}
-    train = config.get("train") or {}
-    memory = record.get("memory") or {}
-    split = memory.get("split_bytes") or {}
-    times = record.get("time") or {}
-    params = record.get("params") or {}
-    targets = record.get("targets")
-    budget = record.get("budget") or {}
-    environment = record.get("environment") or {}
-    forgetting = record.get("forgetting") or {}
+def _targets(record: RunRecord) -> str | None:
+    """The series a LoRA run belongs to: its targets, and its rank pattern's name where it has one (never a
+    learning-rate variant of the uniform rank)."""
+    targets = record["targets"]
     label = targets if isinstance(targets, str) or targets is None else ",".join(targets)
-    if record.get("rank_pattern"):  # its own series: never a learning-rate variant of the uniform rank
-        label = f"{label}, rank_pattern {record.get('rank_pattern_source')}"
-    row = {
-        "run_id": record["run_id"],
-        "config_id": record["config_id"],
-        "context_id": record["context_id"],
-        "status": record["status"],
-        "error": record.get("error"),
-        "diverged_at_step": record.get("diverged_at_step"),
-        "task": record["task"],
-        "task_family": record.get("task_family"),
-        "model": record["model"],
-        "method": record["method"],
-        "r": record.get("r"),
-        "alpha": record.get("alpha"),
-        "alpha_policy": record.get("alpha_policy"),
-        "scaling": record.get("scaling"),
-        "targets": label,
-        "rank_pattern": bool(record.get("rank_pattern")),
-        "seed": record.get("seed"),
-        "lr": record.get("lr"),
-        "baseline_run_id": record.get("baseline_run_id"),
-        "max_steps": train.get("max_steps"),
-        "batch_size": train.get("batch_size"),
-        "max_seq_len": train.get("max_seq_len"),
+    return f"{label}, rank_pattern {record['rank_pattern_source']}" if record["rank_pattern"] else label
+
+
+def _described(record: RunRecord) -> dict[str, Any]:
+    """What the run is: its identity's parts and the settings the tables group and label by."""
+    train = record["config"]["train"] if record["config"] else {}
+    return {
+        **{key: record[key] for key in ("run_id", "config_id", "context_id", "status", "error", "diverged_at_step", "task",
+                                        "task_family", "model", "method", "r", "alpha", "alpha_policy", "scaling")},
+        "targets": _targets(record),
+        "rank_pattern": record["rank_pattern_source"] if record["rank_pattern"] else None,
+        **{key: record[key] for key in ("seed", "lr", "baseline_run_id")},
+        **{key: train.get(key) for key in ("max_steps", "batch_size", "max_seq_len")},
         "batching": train.get("batching") or ("grouped" if train.get("group_by_length") else "random"),  # schema 2 named it group_by_length
-        "batching_free_id": identity.batching_free_id(record["identity"]) if record.get("identity") else None,
-        "micro_batches": record.get("micro_batches"),
-        "primary_metric": record.get("primary_metric"),
-        "primary_value": record.get("primary_value"),
-        "tune_value": record.get("tune_value"),
-        "initial_loss": budget.get("initial_loss"),
-        "final_loss": budget.get("final_loss"),
-        "loss_slope": budget.get("slope_per_100_steps"),
-        "loss_slope_se": budget.get("slope_se"),
+        "batching_free_id": identity.batching_free_id(record["identity"]) if record["identity"] else None,
+        "micro_batches": record["micro_batches"],
+    }
+
+
+def _measured(record: RunRecord) -> dict[str, Any]:
+    """What the run measured, in the tables' units (MiB, seconds); None where it did not get that far."""
+    memory, times, params = record["memory"] or {}, record["time"] or {}, record["params"] or {}
+    budget, forgetting, environment = record["budget"] or {}, record["forgetting"] or {}, record["environment"] or {}
+
+    def mib(value: int | None) -> float | None:
+        return value / MIB if value else None
+
+    return {
+        "primary_metric": record["primary_metric"], "primary_value": record["primary_value"], "tune_value": record["tune_value"],
+        "initial_loss": budget.get("initial_loss"), "final_loss": budget.get("final_loss"),
+        "loss_slope": budget.get("slope_per_100_steps"), "loss_slope_se": budget.get("slope_se"),
         "still_improving": budget.get("still_improving"),
-        "train_padding": ((record.get("tokens") or {}).get("train") or {}).get("padding_fraction"),
-        "params_total": params.get("total"),
-        "params_trainable": params.get("trainable"),
-        "params_adapter": params.get("adapter"),
-        "params_head": params.get("head"),
-        "device": memory.get("device"),
-        "peak_mib": memory["peak_bytes"] / MIB if memory.get("peak_bytes") else None,
-        "cuda_max_allocated_mib": memory["cuda_max_allocated_bytes"] / MIB if memory.get("cuda_max_allocated_bytes") else None,
-        "train_s": times.get("train_s"),
-        "eval_s": times.get("eval_s"),
-        "data_prep_s": times.get("data_prep_s"),
-        "samples_per_s": times.get("samples_per_s"),
-        "tokens_per_s": times.get("tokens_per_s"),
-        "artifact_bytes": (record.get("artifact") or {}).get("bytes"),
-        "loss_curve": json.dumps(record.get("loss_curve") or []),
+        "train_padding": ((record["tokens"] or {}).get("train") or {}).get("padding_fraction"),
+        **{f"params_{key}": params.get(key) for key in ("total", "trainable", "adapter", "head")},
+        "device": memory.get("device"), "peak_mib": mib(memory.get("peak_bytes")),
+        "cuda_max_allocated_mib": mib(memory.get("cuda_max_allocated_bytes")),
+        **{key: times.get(key) for key in ("train_s", "eval_s", "data_prep_s", "samples_per_s", "tokens_per_s")},
+        "artifact_bytes": (record["artifact"] or {}).get("bytes"),
+        "loss_curve": json.dumps(record["loss_curve"] or []),
         "versions": json.dumps(environment.get("packages") or {}, sort_keys=True),
         "git_commit": environment.get("git_commit"),
-        "grad_after_backward_mib": memory["grad_bytes_after_backward"] / MIB if memory.get("grad_bytes_after_backward") else None,
-        "examples": (record.get("examples") or {}).get("dev"),
+        "grad_after_backward_mib": mib(memory.get("grad_bytes_after_backward")),
+        "examples": (record["examples"] or {}).get("dev"),
         "tune_curve": _tune_curve(record),
         "curve_eval_s": times.get("curve_eval_s"),
-        "finished_at": record.get("finished_at"),
+        "finished_at": record["finished_at"],
         "forgetting": forgetting.get("forgetting"),  # lora_sweep.forgetting: positive = worse after training
         "forgetting_probe": forgetting.get("probe"),
         "forgetting_before": forgetting.get("before"),
     }
-    info = metric_info(record.get("primary_metric") or "")
+
+
+def _row(record: RunRecord) -> dict[str, Any]:
+    """One run as a row of the runs table: what it is, what it measured, its metric's display facts, every metric
+    and the memory split."""
+    row = {**_described(record), **_measured(record)}
+    info = metric_info(record["primary_metric"] or "")
     row.update(higher_is_better=info.higher_is_better, primary_scale=info.scale, primary_unit=info.unit)
-    row.update({f"mem_{k}_mib": v / MIB for k, v in split.items()})
-    row.update({f"metric_{k}": v for k, v in (record.get("metrics") or {}).items()})
+    row.update({f"mem_{k}_mib": v / MIB for k, v in ((record["memory"] or {}).get("split_bytes") or {}).items()})
+    row.update({f"metric_{k}": v for k, v in (record["metrics"] or {}).items()})
     return row
 
 
@@ -129,7 +116,10 @@ def load_records(records_dir: str | Path, run_ids: list[str] | None = None) -> t
         elif record.get("schema_version") != SCHEMA_VERSION:
             skipped.append(f"{path.name}: schema version {record.get('schema_version')}, this analysis reads version {SCHEMA_VERSION}")
         else:
-            rows.append(_row(record))
+            try:
+                rows.append(_row(records.read_fields(record)))
+            except records.UnknownFields as exc:
+                skipped.append(f"{path.name}: {exc}; written by another version of lora-sweep")
     for note in skipped:
         print(f"warning: skipped {note}", file=sys.stderr)
     if not rows:

@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from lora_sweep.analysis.tables import oriented, tuned  # noqa: E402
-from lora_sweep.estimate import GIB  # noqa: E402
 from lora_sweep.metrics import metric_info  # noqa: E402
+
+GIB = 2**30
 
 SPLIT = ["weights", "gradients", "optimizer", "activations", "other"]
 FULL_COLOR = "black"

@@ -6,14 +6,16 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from lora_sweep.analysis import adaptive, curves, deploy, diagnostics, plots
-from lora_sweep.analysis.load import IN_MEMORY_ONLY, load_records
-from lora_sweep.analysis.tables import aggregate, compare_batching, compare_ranks, formatted, recommend, run_flags, tuned
-from lora_sweep.estimate import GIB
+from lora_sweep.analysis import Analysis, adaptive, curves, deploy, diagnostics, plots
+from lora_sweep.analysis.load import IN_MEMORY_ONLY
+from lora_sweep.analysis.plots import GIB
+from lora_sweep.analysis.tables import compare_batching, formatted, tuned
 
 
 def _slug(*parts) -> str:
@@ -65,17 +67,43 @@ METHOD_NOTE = (
     "significantly.")
 
 
-def write(records_dir: str | Path, tolerance: float | None = None, target_model: str | None = None) -> Path:
-    """Analyse the records in `records_dir` and write everything beside it (its parent folder); returns the report's path.
+@dataclass(frozen=True)
+class AtScale:
+    """The memory and time estimate (lora_sweep.estimate, made on the run side) of one context and targets preset's
+    chosen rank, of full FT and of every swept rank, on the user's model: the "At your scale" section."""
+
+    target: str  # the model preset estimated
+    recommended: pd.Series  # the recommendation's row
+    run: pd.Series  # a run of the context: its task and budget
+    rank: int
+    why: str
+    ranks: list[int]
+    per_rank: list[Any]  # an estimate.Estimate per rank
+    full: Any  # full FT's estimate.Estimate
+    settings: Any  # the settings.EstimateSettings used: precision, device, optimizer, rate
+    refused: str | None = None  # why there is no estimate
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the run side measured for the report beyond the records."""
+
+    updates: dict[str, pd.DataFrame] | None  # lora_sweep.updates' tables, None where there are none
+    updates_note: str  # where they came from
+    at_scale: list[AtScale] | None = None  # analysis.target_model's estimates, None when not asked for
+
+
+def write(analysis: Analysis, runs_dir: Path, measured: Measured) -> Path:
+    """Write the tables, plots and report of `analysis` beside the runs folder (its parent); returns the report's path.
 
     Everything is written into a hidden folder there first and moved into place at the end, so a killed analysis
-    leaves either the earlier outputs or no report at all, never a report that disagrees with its tables.
-    `target_model` (a model preset) adds the "At your scale" section: the memory and time estimate on that model."""
-    df, skipped = load_records(records_dir)
-    dest = Path(records_dir).parent
+    leaves either the earlier outputs or no report at all, never a report that disagrees with its tables."""
+    dest = runs_dir.parent
     stage = Path(tempfile.mkdtemp(dir=dest, prefix=".analysis-"))
     try:
-        _write(df, skipped, stage, tolerance, Path(records_dir), target_model)
+        _export(analysis, stage)
+        lines = _sections(analysis, measured, stage, runs_dir)
+        (stage / "report.md").write_text("\n".join(lines))
         _publish(stage, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -91,34 +119,48 @@ def _publish(stage: Path, dest: Path) -> None:
         os.replace(item, dest / item.name)
 
 
-def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | None, records_dir: Path,
-           target_model: str | None = None) -> Path:
-    df.drop(columns=IN_MEMORY_ONLY).to_parquet(out / "runs.parquet", index=False)
-    df.drop(columns=IN_MEMORY_ONLY).to_csv(out / "runs.csv", index=False)
-    agg = aggregate(df)
-    ranks = compare_ranks(df, agg, tolerance) if (agg["method"] == "lora").any() else pd.DataFrame()
-    recommendation = recommend(ranks) if len(ranks) else pd.DataFrame()
-    flags = run_flags(df)
-    tables_dir, plots_dir = out / "tables", out / "plots"
-    tables_dir.mkdir(exist_ok=True)
-    for name, table in {"aggregate": agg, "ranks": ranks, "recommendation": recommendation, "flags": flags}.items():
-        table.to_csv(tables_dir / f"{name}.csv", index=False)
+def _export(a: Analysis, out: Path) -> None:
+    """The runs table (Parquet, CSV) and the summary tables (CSV)."""
+    a.runs.drop(columns=IN_MEMORY_ONLY).to_parquet(out / "runs.parquet", index=False)
+    a.runs.drop(columns=IN_MEMORY_ONLY).to_csv(out / "runs.csv", index=False)
+    (out / "tables").mkdir(exist_ok=True)
+    for name, table in {"aggregate": a.agg, "ranks": a.ranks, "recommendation": a.recommendation, "flags": a.flags}.items():
+        table.to_csv(out / "tables" / f"{name}.csv", index=False)
 
+
+def _sections(a: Analysis, measured: Measured, out: Path, runs_dir: Path) -> list[str]:
+    """The report's markdown, section by section (each section writes its own tables and plots)."""
     lines = ["# lora-sweep report", ""]
-    lines += _what_ran(df, agg)
-    lines += ["## Rank recommendation", "", METHOD_NOTE, ""]
+    lines += _what_ran(a.runs, a.agg)
+    lines += _recommendation(a.recommendation, out / "tables")
+    lines += adaptive.section(runs_dir)  # an adaptive sweep's rounds and sequential verdicts, from its log
+    if len(a.flags):
+        lines += ["## Runs to look at", "", "Runs that finished but may not be what they seem (kept in every table, flagged here):", "",
+                  a.flags.to_markdown(index=False, disable_numparse=True), ""]
+    lines += _batching(a.runs, a.agg, out / "tables")
+    lines += _per_task(a, out)
+    if measured.at_scale:
+        lines += _at_your_scale(measured.at_scale, out, out / "plots")
+    lines += diagnostics.section(a.runs, a.agg, measured.updates, measured.updates_note, out)
+    lines += deploy.section(runs_dir.parent, out / "plots", out)
+    lines += _runs_not_done(a.runs, a.skipped)
+    return lines
+
+
+def _recommendation(recommendation: pd.DataFrame, tables_dir: Path) -> list[str]:
     recommended = (recommendation[["task", "model", "targets", "margin", "unit", "recommendation"]].to_markdown(index=False, disable_numparse=True)
                    if len(recommendation) else "No LoRA configuration finished.")
-    lines += [recommended, ""]
     (tables_dir / "recommendation.md").write_text(recommended + "\n")
-    lines += adaptive.section(records_dir)  # an adaptive sweep's rounds and sequential verdicts, from its log
-    if len(flags):
-        lines += ["## Runs to look at", "", "Runs that finished but may not be what they seem (kept in every table, flagged here):", "",
-                  flags.to_markdown(index=False, disable_numparse=True), ""]
+    return ["## Rank recommendation", "", METHOD_NOTE, "", recommended, ""]
 
-    lines += _batching(df, agg, tables_dir)
-    panels = []
-    for (task, model), runs in df.groupby(["task", "model"], sort=True):
+
+def _per_task(a: Analysis, out: Path) -> list[str]:
+    """A section per task and model: the rank table, the trade-off plots and the learning curves; then an overview
+    across tasks where there are several."""
+    lines, panels = [], []
+    tables_dir, plots_dir = out / "tables", out / "plots"
+    agg, ranks = a.agg, a.ranks
+    for (task, model), runs in a.runs.groupby(["task", "model"], sort=True):
         title = f"{task} · {model}"
         lines += [f"## {title}", ""]
         task_agg = agg[(agg["task"] == task) & (agg["model"] == model)] if len(agg) else agg
@@ -126,42 +168,40 @@ def _write(df: pd.DataFrame, skipped: list[str], out: Path, tolerance: float | N
         full_rows = tuned(task_agg[task_agg["method"] == "full"], ["context_id"]) if len(task_agg) else task_agg
         full = full_rows.iloc[0] if len(full_rows) else None
         metric = runs["primary_metric"].dropna().iloc[0] if runs["primary_metric"].notna().any() else "metric"
-        device = runs["device"].dropna().iloc[0] if runs["device"].notna().any() else "cpu"
         if full is None:
             lines += ["No full fine-tuning baseline finished for this task: differences from full FT cannot be shown.", ""]
-        if len(task_ranks):
-            table = _rank_table(task_ranks)
-            slug = _slug(task, model)
-            (tables_dir / f"{slug}.md").write_text(table.to_markdown(index=False, disable_numparse=True) + "\n")
-            table.to_csv(tables_dir / f"{slug}.csv", index=False)
-            lines += [table.to_markdown(index=False, disable_numparse=True), ""]
-            points = plots.best_lr(task_agg[task_agg["method"] == "lora"])
-            figures = [
-                plots.metric_vs_params(points, full, title, metric, plots_dir, f"{slug}_metric_vs_params"),
-                plots.metric_vs_memory(points, full, title, metric, device, plots_dir, f"{slug}_metric_vs_memory"),
-                plots.memory_split(points, full, title, plots_dir, f"{slug}_memory_split"),
-                plots.metric_vs_rank(task_agg[task_agg["method"] == "lora"], full, title, metric, plots_dir, f"{slug}_metric_vs_rank"),
-                plots.loss_curves(runs[runs["status"] == "done"], title, plots_dir, f"{slug}_loss"),
-            ]
-            if task_agg.groupby("method")["lr"].nunique().max() > 1:
-                figures.append(plots.metric_vs_lr(task_agg, title, metric, plots_dir, f"{slug}_metric_vs_lr"))
-            lines += [f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in figures] + [""]
-            lines += _learning_curves(runs, task_ranks, title, metric, slug, tables_dir, plots_dir, out)
-            panels.append((title, points, full, metric))
-        else:
+        if not len(task_ranks):
             lines += ["No LoRA run of this task finished.", ""]
+            continue
+        slug = _slug(task, model)
+        table = _rank_table(task_ranks)
+        (tables_dir / f"{slug}.md").write_text(table.to_markdown(index=False, disable_numparse=True) + "\n")
+        table.to_csv(tables_dir / f"{slug}.csv", index=False)
+        lines += [table.to_markdown(index=False, disable_numparse=True), ""]
+        points = plots.best_lr(task_agg[task_agg["method"] == "lora"])
+        figures = _trade_off_plots(runs, task_agg, points, full, title, metric, slug, plots_dir)
+        lines += [f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in figures] + [""]
+        lines += _learning_curves(runs, task_ranks, title, metric, slug, tables_dir, plots_dir, out)
+        panels.append((title, points, full, metric))
     if len(panels) > 1:
         figure = plots.overview(panels, plots_dir, "overview")
         lines += ["## Overview across tasks", "", f"![overview]({figure.relative_to(out).as_posix()})", ""]
+    return lines
 
-    if target_model and len(ranks):
-        lines += _at_your_scale(df, ranks, recommendation, target_model, out, plots_dir)
-    lines += diagnostics.section(df, agg, records_dir, out)
-    lines += deploy.section(records_dir.parent, plots_dir, out)
-    lines += _runs_not_done(df, skipped)
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+
+def _trade_off_plots(runs, task_agg, points, full, title, metric, slug, plots_dir) -> list[Path]:
+    """Metric against trainable parameters, peak memory and rank; the memory split; the loss curves; the lr sweep."""
+    device = runs["device"].dropna().iloc[0] if runs["device"].notna().any() else "cpu"
+    figures = [
+        plots.metric_vs_params(points, full, title, metric, plots_dir, f"{slug}_metric_vs_params"),
+        plots.metric_vs_memory(points, full, title, metric, device, plots_dir, f"{slug}_metric_vs_memory"),
+        plots.memory_split(points, full, title, plots_dir, f"{slug}_memory_split"),
+        plots.metric_vs_rank(task_agg[task_agg["method"] == "lora"], full, title, metric, plots_dir, f"{slug}_metric_vs_rank"),
+        plots.loss_curves(runs[runs["status"] == "done"], title, plots_dir, f"{slug}_loss"),
+    ]
+    if task_agg.groupby("method")["lr"].nunique().max() > 1:
+        figures.append(plots.metric_vs_lr(task_agg, title, metric, plots_dir, f"{slug}_metric_vs_lr"))
+    return figures
 
 
 def _batching(df: pd.DataFrame, agg: pd.DataFrame, tables_dir: Path) -> list[str]:
@@ -225,61 +265,32 @@ def _learning_curves(runs: pd.DataFrame, ranks: pd.DataFrame, title: str, metric
     return lines
 
 
-def _rank_to_estimate(recommended: pd.Series, ranks: pd.DataFrame) -> tuple[int, str]:
-    """(rank, why) for one context and targets preset: the recommended rank, else the rank closest to full FT."""
-    if pd.notna(recommended.get("r")):
-        return int(recommended["r"]), "the recommended rank"
-    best = ranks.loc[ranks["delta"].idxmax()] if "delta" in ranks and ranks["delta"].notna().any() else ranks.iloc[0]
-    return int(best["r"]), "no rank is recommended: the rank closest to full FT"
-
-
-def _at_your_scale(df: pd.DataFrame, ranks: pd.DataFrame, recommendation: pd.DataFrame, target: str, out: Path,
-                   plots_dir: Path) -> list[str]:
-    """For each context and targets preset of the sweep: the memory and time estimate (lora_sweep.estimate) of its
-    chosen rank and of full FT on `target`, at that context's task and budget, and the estimated peak by component at
-    every rank it swept."""
-    lines = [f"## At your scale: {target}", ""]
-    uniform = recommendation[~recommendation["targets"].str.contains("rank_pattern")]  # a per-layer pattern is this model's own
-    several = len(uniform) > 1
-    for _, recommended in uniform.iterrows():
-        part = ranks[(ranks["context_id"] == recommended["context_id"]) & (ranks["targets"] == recommended["targets"])]
-        if several:
-            lines += [f"### {recommended['task']} · {recommended['model']}, {recommended['targets']}", ""]
-        lines += _estimate_section(df[df["context_id"] == recommended["context_id"]].iloc[0], part, recommended, target, out, plots_dir)
+def _at_your_scale(estimates: list[AtScale], out: Path, plots_dir: Path) -> list[str]:
+    """For each context and targets preset of the sweep: the estimate of its chosen rank and of full FT on the user's
+    model, at that context's task and budget, and the estimated peak by component at every rank it swept."""
+    lines = [f"## At your scale: {estimates[0].target}", ""]
+    for e in estimates:
+        if len(estimates) > 1:
+            lines += [f"### {e.recommended['task']} · {e.recommended['model']}, {e.recommended['targets']}", ""]
+        lines += [e.refused, ""] if e.refused else _estimate_section(e, out, plots_dir)
     return lines
 
 
-def _estimate_section(run: pd.Series, ranks: pd.DataFrame, recommended: pd.Series, target: str, out: Path, plots_dir: Path) -> list[str]:
-    from lora_sweep import estimate
-    from lora_sweep.errors import UserError
-    from lora_sweep.settings import TARGET_PRESETS, compose
-
-    targets = recommended["targets"]
-    rank, why = _rank_to_estimate(recommended, ranks)
-    if targets not in TARGET_PRESETS:
-        return [f"Targets {targets!r} are module names of this sweep's model, not a preset: they cannot be carried over to {target}.", ""]
-    budget = (f"task={run['task_family']}/{run['task']}", f"train.batch_size={int(run['batch_size'])}",
-              f"train.max_seq_len={int(run['max_seq_len'])}", f"method.targets={targets}")
-    try:
-        settings = [compose(f"model={target}", *budget, f"method.r={r}") for r in sorted({rank, *ranks["r"].astype(int)})]
-        per_rank = [estimate.estimate(s, s.method) for s in settings]
-        full = estimate.estimate(settings[0], settings[0].baseline)
-    except UserError as exc:
-        return [f"No estimate for {target}: {exc}", ""]
-    chosen = next(e for s, e in zip(settings, per_rank) if s.method.r == rank)
-    e = settings[0].estimate
+def _estimate_section(at: AtScale, out: Path, plots_dir: Path) -> list[str]:
+    run, targets, e = at.run, at.recommended["targets"], at.settings
+    chosen = at.per_rank[at.ranks.index(at.rank)]
     device = e.device_bytes
     table = pd.DataFrame([{
         "method": x.label, "trainable": f"{x.trainable:,}", **{k: f"{v / GIB:.2f}" for k, v in x.components().items()},
         "peak GiB": f"{x.peak / GIB:.2f}", "peak at": x.peak_at, "step s": f"{x.seconds:.3f}",
-        f"fits {device / GIB:.0f} GiB": "yes" if x.fits(device) else f"no: needs {x.peak / GIB:.1f} GiB"} for x in (chosen, full)])
-    figure = plots.estimated_memory_vs_rank([s.method.r for s in settings], per_rank, full, device, target, plots_dir,
-                                            _slug("estimate", target, run["task"], run["model"], targets))
+        f"fits {device / GIB:.0f} GiB": "yes" if x.fits(device) else f"no: needs {x.peak / GIB:.1f} GiB"} for x in (chosen, at.full)])
+    figure = plots.estimated_memory_vs_rank(at.ranks, at.per_rank, at.full, device, at.target, plots_dir,
+                                            _slug("estimate", at.target, run["task"], run["model"], targets))
     return [f"Estimated, not measured (lora_sweep.estimate; its error against measurements is in docs/memory_model.md): one "
-            f"training step of {target} on this sweep's task and budget (batch {int(run['batch_size'])}, every example at "
+            f"training step of {at.target} on this sweep's task and budget (batch {int(run['batch_size'])}, every example at "
             f"the {int(run['max_seq_len'])}-token maximum), {e.resolved_precision} on {e.device}, {e.optimizer}; "
-            f"r={rank} on {targets} ({why}). Memory in GiB; step time at {e.device_tflops:g} TFLOP/s x {e.utilization:g} "
-            f"utilization (`lora-estimate model={target} ...` for other settings).", "",
+            f"r={at.rank} on {targets} ({at.why}). Memory in GiB; step time at {e.device_tflops:g} TFLOP/s x {e.utilization:g} "
+            f"utilization (`lora-estimate model={at.target} ...` for other settings).", "",
             table.to_markdown(index=False, disable_numparse=True), "",
             f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
 

@@ -9,18 +9,16 @@ split (`tune_value`); the eval split (`primary_value`) is only reported.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
 from lora_sweep.analysis import stats
-from lora_sweep.analysis.load import load_records
 from lora_sweep.metrics import metric_info
 
 # Shown beside a configuration; taken from its first run (the configuration id already says they agree).
-DESCRIBE = ["config_id", "context_id", "task", "model", "method", "targets", "scaling", "alpha_policy", "r", "lr",
+DESCRIBE = ["config_id", "context_id", "task", "model", "method", "targets", "rank_pattern", "scaling", "alpha_policy", "r", "lr",
             "max_steps", "batch_size", "max_seq_len", "batching", "batching_free_id", "device", "primary_metric", "higher_is_better", "primary_scale",
             "primary_unit", "params_total"]
 MEASURES = ["primary_value", "tune_value", "params_trainable", "params_adapter", "peak_mib", "train_s", "grad_after_backward_mib", "forgetting"]
@@ -37,10 +35,9 @@ def formatted(fmt: str):
     return lambda v: format(v, fmt) if pd.notna(v) else "-"
 
 
-def sweep_summary(records_dir: str | Path, run_ids: list[str]) -> str:
-    """The compact table printed at the end of a sweep: one line per run, against its own seed's baseline
-    (single runs: the report, not this table, says what is significant)."""
-    df, _ = load_records(records_dir, [rid for rid in run_ids if (Path(records_dir) / f"{rid}.json").is_file()])
+def sweep_summary(df: pd.DataFrame) -> str:
+    """The compact table printed at the end of a sweep (`df`: its runs' rows): one line per run, against its own
+    seed's baseline (single runs: the report, not this table, says what is significant)."""
     base = df.set_index("run_id")["primary_value"]
     table = pd.DataFrame({
         "run": np.where(df["method"] == "full", "full FT", "LoRA r=" + df["r"].astype("Int64").astype(str)),
@@ -196,6 +193,7 @@ def recommend(ranks: pd.DataFrame) -> pd.DataFrame:
         group = group.sort_values("r")
         first = group.iloc[0]
         row = {"context_id": context, "task": first["task"], "model": first["model"], "targets": targets,
+               "rank_pattern": first["rank_pattern"],
                "margin": first["margin"], "unit": first["primary_unit"]}
         judged = group[group["verdict"].notna()] if "verdict" in group else group.iloc[0:0]
         if judged.empty:
