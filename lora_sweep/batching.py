@@ -11,7 +11,7 @@ three padded tokens for every real one. Three ways to draw a run's batches:
   optimisation, with most of the padding gone (tests/test_batching.py checks the gradients agree).
 - grouped: transformers' LengthGroupedSampler (random mega-batches of 50 batches, each sorted longest first).
   Less padding still, but it changes which examples share a step and walks from long to short sentences every
-  50 steps: on the main job it cost 1.7 dev points against random batches (README). Kept for comparison only.
+  50 steps: on the main job it cost 1.7 dev points against random batches (docs/benchmarks.md). Kept for comparison only.
 
 The whole plan is drawn up front from the seed, so a LoRA run and its baseline see the same examples in the same
 order, and the step with the most computed tokens is known before training (the memory probe measures that step).

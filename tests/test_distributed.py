@@ -143,7 +143,7 @@ def test_several_processes_need_a_distributed_mode_and_a_batch_they_can_share(mo
 
 
 def test_fsdp_composes_into_a_sharding_plugin():
-    """accelerate runs FSDP on GPUs only: what can be checked here is the configuration (the GPU run: README)."""
+    """accelerate runs FSDP on GPUs only: what can be checked here is the configuration (the GPU run: docs/configuration.md)."""
     settings = compose("method=full", "train.distributed=fsdp")
     plugin = distributed.fsdp_plugin()
     assert settings.train.distributed == "fsdp" and plugin.fsdp_version == 2 and plugin.reshard_after_forward
