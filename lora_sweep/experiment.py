@@ -146,6 +146,8 @@ def _recorded_config(s: Settings) -> dict[str, Any]:
     config["model"]["name_or_path"] = records.portable_model(s.model.name_or_path, s.runs_dir)
     config["task"]["data_dir"] = records.portable(s.task.data_dir, s.runs_dir)
     config["train"]["forgetting_file"] = records.portable(s.train.forgetting_file, s.runs_dir)
+    for key in ("train_file", "eval_file"):  # the user's own data
+        config["task"][key] = records.portable(getattr(s.task, key), s.runs_dir)
     pattern = s.method.rank_pattern
     if isinstance(pattern, str) and not (adapters.RANK_PATTERN_DIR / f"{pattern}.yaml").is_file():
         config["method"]["rank_pattern"] = records.portable(pattern, s.runs_dir)

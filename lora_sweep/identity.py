@@ -30,9 +30,13 @@ NOT_RESULT = {
     "train": ("threads", "device", "eval_batch_size", "log_every", "memory_probe", "save_adapter", "seed", "distributed",
               "forgetting_examples", "forgetting_file",  # forgetting: a measurement beside training; the record holds its protocol
               "curve_points"),  # the learning curve's evaluations draw no random numbers: training is unchanged (tests/test_train.py)
-    "task": ("data_dir", "source"),  # replaced by the identity of the data actually read
+    # replaced by the identity of the data actually read (content hashes, the hub commit)
+    "task": ("data_dir", "source", "train_file", "eval_file", "hub_revision"),
 }
 INSTRUCT_ONLY = ("heldout_examples", "split_seed", "template", "generate_examples", "max_new_tokens", "generate_time_limit_s")
+OWN_DATA = ("hub_dataset", "hub_config", "train_split", "eval_split")  # which data: for the families that read the user's
+TEXT_ONLY = ("text_column", "text_pair_column", "label_column", "problem", "metric")  # family text
+INSTRUCT_FILES = ("prompt_column", "input_column", "response_column", "messages_column")  # instruct's own files (name files)
 GENERATION = ("max_new_tokens", "generate_time_limit_s")  # meaningless without generate_examples
 LORA_SCALING = ("alpha", "alpha_policy", "alpha_ratio")  # replaced by the effective alpha
 FULL_FT_FIELDS = ("name", "lr")
@@ -71,12 +75,13 @@ def method_identity(method: MethodSettings, targets: list[str] | None = None,
 
 
 def task_identity(task: TaskSettings, data: dict[str, Any]) -> dict[str, Any]:
-    fields = {k: v for k, v in dataclasses.asdict(task).items() if k not in NOT_RESULT["task"]}
-    if task.family != "instruct":
-        fields = {k: v for k, v in fields.items() if k not in INSTRUCT_ONLY}
-    elif not task.generate_examples:
-        fields = {k: v for k, v in fields.items() if k not in GENERATION}
-    return {**fields, "data": data}
+    own = task.family == "text" or (task.family == "instruct" and task.name == "files")
+    ignored = {*NOT_RESULT["task"], *(() if own else OWN_DATA), *(() if task.family == "text" else TEXT_ONLY),
+               *(() if task.family == "instruct" and own else INSTRUCT_FILES),
+               *(() if task.family == "instruct" else INSTRUCT_ONLY), *(() if task.generate_examples else GENERATION)}
+    if task.family == "text":  # a text task carves its eval split from train as instruct does, unless given one
+        ignored -= {"heldout_examples", "split_seed"}
+    return {**{k: v for k, v in dataclasses.asdict(task).items() if k not in ignored}, "data": data}
 
 
 def train_identity(train: TrainSettings) -> dict[str, Any]:

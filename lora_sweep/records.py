@@ -369,8 +369,9 @@ def run_settings(record: dict[str, Any], runs_dir: Path, cache_dir: str | None =
     config.pop("results_dir", None)  # records of before runs_dir held the runs folder under this name
     config.update(runs_dir=str(runs_dir), artifacts_dir=str(runs_dir / config["artifacts_dir"]),
                   cache_dir=cache_dir or str((runs_dir / config["cache_dir"]).resolve()))
-    if config["task"]["data_dir"]:
-        config["task"]["data_dir"] = str(runs_dir / config["task"]["data_dir"])
+    for key in ("data_dir", "train_file", "eval_file"):
+        if config["task"].get(key):
+            config["task"][key] = str(runs_dir / config["task"][key])
     if config["model"]["name_or_path"].startswith(("./", "../")):  # a local folder (portable_model)
         config["model"]["name_or_path"] = str(runs_dir / config["model"]["name_or_path"])
     return settings.from_config(OmegaConf.create(config), strict=False)

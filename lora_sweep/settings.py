@@ -31,6 +31,7 @@ from lora_sweep.errors import UserError
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
+PROBLEM_METRICS = {"classification": ("accuracy", "f1", "matthews"), "regression": ("pearson", "spearman")}  # first: the default
 TARGET_PRESETS = ("qv", "qkvo", "mlp", "all_linear", "embeddings")
 ALPHA_POLICIES = ("fixed", "ratio")
 BATCHING = ("sorted", "random", "grouped")  # lora_sweep.batching
@@ -54,8 +55,8 @@ class ModelSettings:
 
 @dataclass
 class TaskSettings:
-    family: str = MISSING  # glue | instruct
-    name: str = MISSING  # sst2, mrpc, ... (see lora_sweep.glue.TASKS)
+    family: str = MISSING  # glue | instruct | text (your own classification or regression data)
+    name: str = MISSING  # sst2, mrpc, ... (lora_sweep.glue.TASKS), alpaca, ... or files (instruct); any name for a text task
     source: str = "auto"  # auto (local folder if present, else hub) | local | hub
     data_dir: str | None = None  # local data folder; else $GLUE_DIR / $INSTRUCT_DIR; else ../shared/data/{glue,instruct}
     max_train_examples: int | None = None  # cap on training examples (first N of a seeded shuffle)
@@ -69,6 +70,23 @@ class TaskSettings:
     generate_examples: int = 0  # greedy generations scored with ROUGE-L (0 = off)
     max_new_tokens: int = 64
     generate_time_limit_s: float = 120.0  # generation stops after this long, with what it has
+    # Your own data (family `text`; family `instruct` with name `files`): local files or a hub dataset, through `datasets`
+    train_file: str | None = None  # .csv, .tsv, .json (a list of objects), .jsonl or .parquet
+    eval_file: str | None = None  # the eval split; without it (or eval_split), heldout_examples are carved from train
+    hub_dataset: str | None = None  # a hub dataset id, instead of train_file
+    hub_config: str | None = None  # the dataset's config (subset) name
+    hub_revision: str | None = None  # a commit, tag or branch; the run's identity holds the commit it resolved to
+    train_split: str = "train"  # the hub dataset's split to train on
+    eval_split: str | None = None  # the hub dataset's eval split; null: carve heldout_examples from train_split
+    text_column: str = "text"  # family text: the text to classify
+    text_pair_column: str | None = None  # family text: a second text, for pair tasks (entailment, paraphrase)
+    label_column: str = "label"  # family text: integer or string labels (classification), numbers (regression)
+    problem: str = "classification"  # family text: classification | regression
+    metric: str | None = None  # family text: accuracy (default), f1 (two classes), matthews; pearson (default), spearman
+    prompt_column: str = "prompt"  # instruct files: the instruction
+    input_column: str | None = None  # instruct files: an optional input shown with the instruction
+    response_column: str = "response"  # instruct files: the response (the loss is on its tokens only)
+    messages_column: str | None = None  # instruct files: chat rows [{role, content}, ...]; the last assistant turn is the response
 
     def validate(self) -> None:
         _check(self.source in ("auto", "local", "hub"), f"task.source={self.source!r} is not allowed; use auto, local or hub")
@@ -80,6 +98,19 @@ class TaskSettings:
         _check(self.template in ("alpaca", "chat"), f"task.template={self.template!r} is unknown; use alpaca or chat")
         _check(self.generate_examples >= 0 and self.max_new_tokens >= 1,
                "task.generate_examples must be >= 0 and task.max_new_tokens >= 1")
+        _check(self.problem in PROBLEM_METRICS, f"task.problem={self.problem!r} is unknown; use classification or regression")
+        allowed = PROBLEM_METRICS[self.problem]
+        _check(self.metric is None or self.metric in allowed,
+               f"task.metric={self.metric!r} is not a {self.problem} metric; use one of {', '.join(allowed)}")
+        if self.family == "text" or (self.family == "instruct" and self.name == "files"):
+            _check((self.train_file is None) != (self.hub_dataset is None),
+                   "your own data needs exactly one of task.train_file (a local file) and task.hub_dataset (a hub dataset id)")
+            _check(self.eval_file is None or self.train_file is not None, "task.eval_file needs task.train_file (a hub dataset names task.eval_split)")
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric a `text` task reports and compares runs by."""
+        return self.metric or PROBLEM_METRICS[self.problem][0]
 
 
 @dataclass

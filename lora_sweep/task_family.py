@@ -1,6 +1,6 @@
 """The task-family contract: what the run side needs from a kind of task (GLUE classification, instruction tuning, ...).
 
-A family is a module implementing `TaskFamily` (lora_sweep.glue, lora_sweep.instruct). It reads its data, builds the
+A family is a module implementing `TaskFamily` (lora_sweep.glue, lora_sweep.instruct, lora_sweep.text). It reads its data, builds the
 model with the right head, tokenizes, and turns a model's outputs into metrics; everything else (splits, batching,
 training, records, statistics) is shared. Adding a family is writing one such module and naming it in FAMILIES."""
 
@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import torch
 
-from lora_sweep import glue, instruct
+from lora_sweep import glue, instruct, text
 from lora_sweep.errors import UserError
 from lora_sweep.settings import Settings, TaskSettings
 
@@ -47,7 +47,7 @@ class TaskFamily(Protocol):
         """Metrics beyond the outputs' (generation-based scores); empty where there are none."""
 
 
-FAMILIES: dict[str, TaskFamily] = {"glue": glue, "instruct": instruct}
+FAMILIES: dict[str, TaskFamily] = {"glue": glue, "instruct": instruct, "text": text}
 
 
 def family_for(settings: Settings) -> TaskFamily:
