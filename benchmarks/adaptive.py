@@ -48,6 +48,50 @@ def scenarios(measured: simulation.Measured, rng: np.random.Generator) -> dict[s
     }
 
 
+def costs(records: str, measured: simulation.Measured) -> tuple[int, dict[str, float]]:
+    """The records' optimizer steps per run and mean train seconds per method (what a run costs), printed with the noise."""
+    df, _ = load_records(records)
+    done = df[df["status"] == "done"]
+    steps = int(done["max_steps"].iloc[0])
+    seconds = {m: float(done.loc[done["method"] == m, "train_s"].mean()) for m in ("lora", "full")}
+    print(f"noise from {records} ({measured.seeds} seeds): interval reading v_seed={measured.interval.v_seed:.3f}, "
+          f"V_ex={measured.interval.v_shared:.3f}; split reading v_shared={measured.split.v_shared:.3f}, "
+          f"v_flip={measured.split.v_flip:.3f} (points²); train s per run: LoRA {seconds['lora']:.0f}, full FT {seconds['full']:.0f}")
+    return steps, seconds
+
+
+def simulate(cases: list[tuple[list[float], Noise]], ranks: list[int], args: argparse.Namespace, seconds: dict[str, float],
+             rng: np.random.Generator) -> dict[str, list]:
+    """One scenario's sweeps, adaptive and grid on the same draws plus a second, independent grid: per sweep whether the
+    answers agree, the runs trained and the train time as a fraction of the grid's."""
+    out = {"same": [], "fine": [], "ceiling": [], "runs": [], "time": []}
+    for means, noise in cases:
+        sims = max(1, args.sims // len(cases))
+        sweep = simulation.sweep(ranks, means, noise, args.margin, args.initial, args.max, sims, rng)
+        other = simulation.sweep(ranks, means, noise, args.margin, args.initial, args.max, sims, rng).grid
+        out["same"] += [a == g for a, g in zip(sweep.adaptive, sweep.grid)]
+        out["fine"] += [a == g or "open" in (a, g) for a, g in zip(sweep.adaptive, sweep.grid)]
+        out["ceiling"] += [g == h for g, h in zip(sweep.grid, other)]
+        out["runs"] += list(sweep.runs())
+        lora, baselines = sweep.seeds.sum(axis=1), sweep.seeds.max(axis=1)
+        out["time"] += list((lora * seconds["lora"] + baselines * seconds["full"])
+                            / (len(ranks) * args.max * seconds["lora"] + args.max * seconds["full"]))
+    return out
+
+
+def report_log(records: str) -> None:
+    """The real adaptive sweep beside the records, if there is one: its runs against the grid's, and its answers."""
+    log = adaptive.read_log(adaptive.log_path(records))
+    if log:
+        trained = len(log["run_ids"])
+        points = {x["r"] for g in log["groups"] for x in g["ranks"]}
+        grid = (len(points) + 1) * log["settings"]["max_seeds"]
+        print(f"\nthe adaptive sweep in {adaptive.log_path(records)}: {trained} runs in {len(log['rounds'])} rounds "
+              f"against the grid's {grid} ({trained / grid:.2f}); stopped: {log['stopped']}")
+        for g in log["groups"]:
+            print(f"  {g['label']}: {g['text']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", default="results/runs")
@@ -58,13 +102,7 @@ def main() -> None:
     args = parser.parse_args()
 
     measured = simulation.measure(args.records)
-    df, _ = load_records(args.records)
-    done = df[df["status"] == "done"]
-    steps = int(done["max_steps"].iloc[0])
-    seconds = {m: float(done.loc[done["method"] == m, "train_s"].mean()) for m in ("lora", "full")}
-    print(f"noise from {args.records} ({measured.seeds} seeds): interval reading v_seed={measured.interval.v_seed:.3f}, "
-          f"V_ex={measured.interval.v_shared:.3f}; split reading v_shared={measured.split.v_shared:.3f}, "
-          f"v_flip={measured.split.v_flip:.3f} (points²); train s per run: LoRA {seconds['lora']:.0f}, full FT {seconds['full']:.0f}")
+    steps, seconds = costs(args.records, measured)
     print(f"adaptive: {args.initial} seeds, then up to {args.max}; grid: every rank at {args.max} seeds; margin {args.margin:g}; "
           f"{args.sims} sweeps per scenario\n")
     ranks = sorted(measured.deltas)
@@ -72,36 +110,15 @@ def main() -> None:
     header = f"{'scenario':20s} {'same':>6s} {'no contra.':>10s} {'grid vs grid':>12s} {'runs':>13s} {'steps':>17s} {'train time':>10s}"
     print(header + "\n" + "-" * len(header))
     totals = []
+    grid_runs = (len(ranks) + 1) * args.max
     for name, cases in scenarios(measured, rng).items():
-        same, fine, ceiling, runs, time_ = [], [], [], [], []
-        for means, noise in cases:
-            sims = max(1, args.sims // len(cases))
-            out = simulation.sweep(ranks, means, noise, args.margin, args.initial, args.max, sims, rng)
-            other = simulation.sweep(ranks, means, noise, args.margin, args.initial, args.max, sims, rng).grid
-            same += [a == g for a, g in zip(out.adaptive, out.grid)]
-            fine += [a == g or "open" in (a, g) for a, g in zip(out.adaptive, out.grid)]
-            ceiling += [g == h for g, h in zip(out.grid, other)]
-            runs += list(out.runs())
-            lora, baselines = out.seeds.sum(axis=1), out.seeds.max(axis=1)
-            time_ += list((lora * seconds["lora"] + baselines * seconds["full"])
-                          / (len(ranks) * args.max * seconds["lora"] + args.max * seconds["full"]))
-        grid_runs = (len(ranks) + 1) * args.max
-        ratio = np.mean(runs) / grid_runs
-        totals.append((np.mean(same), ratio))
-        print(f"{name:20s} {np.mean(same):6.1%} {np.mean(fine):10.1%} {np.mean(ceiling):12.1%} "
-              f"{np.mean(runs):5.1f}/{grid_runs} {ratio:4.2f} {np.mean(runs) * steps:7.0f}/{grid_runs * steps} "
-              f"{np.mean(time_):10.2f}")
+        r = simulate(cases, ranks, args, seconds, rng)
+        runs, ratio = np.mean(r["runs"]), np.mean(r["runs"]) / grid_runs
+        totals.append((np.mean(r["same"]), ratio))
+        print(f"{name:20s} {np.mean(r['same']):6.1%} {np.mean(r['fine']):10.1%} {np.mean(r['ceiling']):12.1%} "
+              f"{runs:5.1f}/{grid_runs} {ratio:4.2f} {runs * steps:7.0f}/{grid_runs * steps} {np.mean(r['time']):10.2f}")
     print(f"\nmean over scenarios: same answer {np.mean([t[0] for t in totals]):.1%}, runs {np.mean([t[1] for t in totals]):.2f} of the grid's")
-
-    log = adaptive.read_log(adaptive.log_path(args.records))
-    if log:
-        trained = len(log["run_ids"])
-        points = {x["r"] for g in log["groups"] for x in g["ranks"]}
-        grid = (len(points) + 1) * log["settings"]["max_seeds"]
-        print(f"\nthe adaptive sweep in {adaptive.log_path(args.records)}: {trained} runs in {len(log['rounds'])} rounds "
-              f"against the grid's {grid} ({trained / grid:.2f}); stopped: {log['stopped']}")
-        for g in log["groups"]:
-            print(f"  {g['label']}: {g['text']}")
+    report_log(args.records)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ distribution-free interval (lora_sweep.timing). The Trainer's time is its whole 
 as a user pays it); its token counts are read off the batches its collator padded.
 
 Only speed is measured here; whether a batching changes the result is a paired comparison over seeds of real runs
-(README: "Batching"; `results/batching/`).
+(docs/benchmarks.md: "Speed"; `results/batching/`).
 
     python benchmarks/batching.py                        # defaults: 40 steps x 5 repeats, 1 thread (about 6 min)
     python benchmarks/batching.py --steps 5 --repeats 2  # a quick check that it works
@@ -26,15 +26,14 @@ Only speed is measured here; whether a batching changes the result is a paired c
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import tempfile
 import time
+from typing import Callable
 
 from transformers import Trainer, TrainingArguments
 
 import common
-from lora_sweep import batching, timing
+from lora_sweep import batching
 
 HARNESS = ("sorted", "random", "grouped")
 
@@ -66,53 +65,46 @@ def trainer_run(bench: common.Bench, steps: int, group_by_length: bool) -> dict[
 
 
 def harness_run(bench: common.Bench, plan: batching.Plan) -> dict[str, float]:
-    result = common.run_harness(bench, bench.method("lora"), plan)
-    if result.steps != len(plan.steps):
-        raise RuntimeError(f"the harness stopped after {result.steps} steps: {result.divergence}")
-    return {"s_per_step": result.seconds / result.steps, "tok_per_s": result.real_tokens / result.seconds,
-            "real": result.real_tokens, "computed": result.computed_tokens}
+    result = common.run_checked(bench, plan)
+    return {**common.rates(result), "real": result.real_tokens, "computed": result.computed_tokens}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.common_arguments(parser, steps=40, repeats=5)
-    parser.set_defaults(threads=1)  # as the main job runs each of its two parallel jobs
-    args = parser.parse_args()
-    bench = common.setup(args.steps, args.threads, args.overrides)
-    if bench.method("lora").name != "lora":
-        parser.error("batching.py times a LoRA run: leave method=lora")
-    common.header(f"batching: {bench.label('lora')}, min micro-batch {bench.train.micro_batch_floor}", bench, args)
-
-    def harness(mode: str, steps: int):
+def variants(bench: common.Bench, steps: int) -> dict[str, Callable[[], dict[str, float]]]:
+    """Every variant as a run of `steps` optimizer steps (the warm-up's are short runs of the same variants)."""
+    def harness(mode: str):
         plan = bench.schedule(mode, steps)
         return lambda: harness_run(bench, plan)
 
-    def trainer(grouped: bool, steps: int):
+    def trainer(grouped: bool):
         return lambda: trainer_run(bench, steps, grouped)
 
-    def variants(steps: int) -> dict:
-        return {**{f"harness {m}": harness(m, steps) for m in HARNESS},
-                "Trainer random": trainer(False, steps), "Trainer grouped": trainer(True, steps)}
+    return {**{f"harness {m}": harness(m) for m in HARNESS}, "Trainer random": trainer(False), "Trainer grouped": trainer(True)}
 
-    start = time.perf_counter()
-    for run in variants(common.WARMUP_STEPS).values():
-        run()
-    print(f"  warm-up done ({common.elapsed(start)}); timed runs:", flush=True)
-    runs = timing.interleaved(variants(args.steps), args.repeats,
-                              lambda r: f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s")
 
-    print(f"\nresults ({args.steps} steps of {bench.train.batch_size} per run; medians over {args.repeats} repeats; "
-          f"wall time {common.elapsed(start)}):")
+def report(runs: dict[str, list[dict[str, float]]]) -> None:
+    """The table of medians per variant, then the ratios of real tokens per second."""
     print(f"  {'variant':<16s} {'s/step':>8s} {'real tokens':>12s} {'computed':>10s} {'real share':>10s} {'real tok/s':>11s}")
     for name, values in runs.items():
-        real, computed = statistics.median(r["real"] for r in values), statistics.median(r["computed"] for r in values)
-        print(f"  {name:<16s} {statistics.median(r['s_per_step'] for r in values):8.4f} {real:12.0f} {computed:10.0f} "
-              f"{100 * real / computed:9.1f}% {statistics.median(r['tok_per_s'] for r in values):11.0f}")
+        real, computed = common.median(values, "real"), common.median(values, "computed")
+        print(f"  {name:<16s} {common.median(values, 's_per_step'):8.4f} {real:12.0f} {computed:10.0f} "
+              f"{100 * real / computed:9.1f}% {common.median(values, 'tok_per_s'):11.0f}")
     print("  ratios of real tokens per second:")
     for a, b in (("harness sorted", "harness random"), ("harness sorted", "Trainer random"), ("harness sorted", "Trainer grouped"),
                  ("harness grouped", "harness random"), ("Trainer grouped", "Trainer random")):
-        print(f"    {a} / {b}: {timing.spread(timing.ratios(runs[a], runs[b], 'tok_per_s'))}")
+        print(f"    {a} / {b}: {common.ratio(runs, a, b, 'tok_per_s')}")
+
+
+def main() -> None:
+    parser = common.argument_parser(__doc__)
+    common.common_arguments(parser, steps=40, repeats=5, threads=1)  # as the main job runs each of its two parallel jobs
+    args, bench = common.parse(parser, lora_only="batching.py times a LoRA run")
+    common.header(f"batching: {bench.label('lora')}, min micro-batch {bench.train.micro_batch_floor}", bench, args)
+    start = time.perf_counter()
+    runs = common.warm_then_time(variants(bench, common.WARMUP_STEPS).values(), variants(bench, args.steps), args.repeats,
+                                 lambda r: f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s", start)
+    print(f"\nresults ({args.steps} steps of {bench.train.batch_size} per run; medians over {args.repeats} repeats; "
+          f"wall time {common.elapsed(start)}):")
+    report(runs)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ Everything a benchmark trains goes through the harness's own code, as `experimen
 `settings.compose` -> `experiment.plan` -> `data.prepare` (the token cache) -> the family's `collator` ->
 `batching.train_plan` -> the family's `load_model` + `adapters.apply_method` -> `train.fit`; only the memory
 probe is off (it measures memory, not speed), unless a benchmark asks for it.
+
+The timing benchmarks also share their command line (`argument_parser`, `common_arguments`, `parse`), the warm-up
+before the interleaved repeats (`warm_then_time`) and the way a ratio of two variants is summarised (`ratio`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import math
@@ -15,12 +19,13 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, Iterable
 
 import torch
 from transformers import AutoTokenizer, set_seed
 
-from lora_sweep import adapters, batching, data, distributed, experiment, runtime
+from lora_sweep import adapters, batching, data, distributed, experiment, runtime, timing
 from lora_sweep.settings import MethodSettings, Settings, TrainSettings, compose
 from lora_sweep.train import TrainResult, fit, optimizer_for
 
@@ -54,8 +59,7 @@ class Bench:
         return self.plan.method if name == "lora" else self.settings.baseline
 
     def label(self, name: str) -> str:
-        m = self.method(name)
-        return "full FT" if m.name == "full" else f"LoRA r={m.r} {m.targets}"
+        return method_label(self.method(name))
 
     def schedule(self, mode: str | None = None, steps: int | None = None) -> batching.Plan:
         """The batches a real run of `steps` optimizer steps would train on with `mode` (default: the composed
@@ -63,6 +67,17 @@ class Bench:
         t = self.train
         return batching.train_plan(self.lengths, t.batch_size, steps or t.max_steps, t.grad_accum, t.seed, mode or t.batching,
                                    t.micro_batch_floor)
+
+
+def trained_method(settings: Settings) -> MethodSettings:
+    """The method a composed experiment trains: its LoRA method, or with method=full the full-FT baseline's settings
+    (the learning rate a real full-FT run uses)."""
+    return settings.method if settings.method.name == "lora" else settings.baseline
+
+
+def method_label(method: MethodSettings) -> str:
+    """How the figures name a method: "full FT", or "LoRA r=<rank> <targets>" as composed."""
+    return "full FT" if method.name == "full" else f"LoRA r={method.r} {method.targets}"
 
 
 def setup(steps: int, threads: int, overrides: list[str] = ()) -> Bench:
@@ -166,11 +181,69 @@ def header(title: str, bench: Bench, args) -> None:
           f"of {os.cpu_count()} cores, load average {load}", flush=True)
 
 
-def common_arguments(parser, steps: int, repeats: int) -> None:
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """The benchmark's command line: its docstring's first line as the description and the rest, kept as written,
+    after the options in --help (what is measured and how to read the output belong beside the options)."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def common_arguments(parser, steps: int, repeats: int, threads: int = 0) -> None:
+    """The options every timing benchmark takes, with its own defaults: a benchmark that measures what one of the main
+    job's parallel runs does defaults to its one thread."""
     parser.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per timed run (default {steps})")
     parser.add_argument("--repeats", type=int, default=repeats, help=f"interleaved repeats of every variant (default {repeats})")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default 0: all cores)")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"torch threads (default {threads}{': all cores' if threads == 0 else ''})")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the composed experiment, e.g. method.r=16 train.batch_size=16")
+
+
+def parse(parser: argparse.ArgumentParser, lora_only: str | None = None) -> tuple[argparse.Namespace, Bench]:
+    """The command line and the experiment it composes; `lora_only` (what the benchmark does) refuses a run that
+    overrides method=lora away, for a benchmark whose figures are about a LoRA run."""
+    args = parser.parse_args()
+    bench = setup(args.steps, args.threads, args.overrides)
+    if lora_only and bench.method("lora").name != "lora":
+        parser.error(f"{lora_only}: leave method=lora")
+    return args, bench
+
+
+def autocast(device: str):
+    """The precision the harness trains in: bf16 autocast on CUDA, plain fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+
+def run_checked(bench: Bench, plan: batching.Plan, memory_probe: bool = False) -> TrainResult:
+    """The composed LoRA run on `plan`; one that stopped early (divergence) would time fewer steps: an error, not a figure."""
+    result = run_harness(bench, bench.method("lora"), plan, memory_probe=memory_probe)
+    if result.steps != len(plan.steps):
+        raise RuntimeError(f"the harness stopped after {result.steps} steps: {result.divergence}")
+    return result
+
+
+def rates(result: TrainResult) -> dict[str, float]:
+    """Seconds per optimizer step and real (unpadded) tokens per second of one run: the figures every variant shares."""
+    return {"s_per_step": result.seconds / result.steps, "tok_per_s": result.real_tokens / result.seconds}
+
+
+def warm_then_time(warm_ups: Iterable[Callable[[], object]], variants: dict[str, Callable[[], dict[str, float]]], repeats: int,
+                   show: Callable[[dict[str, float]], str], start: float, lead: str = "  ") -> dict[str, list[dict[str, float]]]:
+    """Run `warm_ups` untimed (first-call allocations and lazy set-up must not land in any variant's first timing),
+    then every variant `repeats` times, interleaved by lora_sweep.timing so that a drift of the machine hits all."""
+    for run in warm_ups:
+        run()
+    print(f"{lead}warm-up done ({elapsed(start)}); timed runs:", flush=True)
+    return timing.interleaved(variants, repeats, show)
+
+
+def median(runs: list[dict[str, float]], key: str) -> float:
+    """The median over repeats of one figure of a variant's runs."""
+    return statistics.median(r[key] for r in runs)
+
+
+def ratio(runs: dict[str, list[dict[str, float]]], a: str, b: str, key: str) -> str:
+    """Variant a / variant b of `key`, taken within each repeat, as a median with its interval (timing.spread)."""
+    return timing.spread(timing.ratios(runs[a], runs[b], key))
 
 
 def elapsed(start: float) -> str:

@@ -184,9 +184,8 @@ def measure(check: Check, name: str, overrides: tuple[str, ...], shape: tuple[in
                        f"estimate.device={check.device}", f"estimate.precision={precision}",
                        f"estimate.batch_size={batch}", f"estimate.seq_len={seq}",
                        *([f"estimate.device_tflops={peak_tflops}"] if peak_tflops else []))
-    method = settings.method if settings.method.name == "lora" else settings.baseline
-    row: dict = {"model": name, "method": "full FT" if method.name == "full" else f"LoRA r={method.r} {method.targets}",
-                 "precision": precision, "batch": batch, "seq": seq}
+    method = common.trained_method(settings)
+    row: dict = {"model": name, "method": common.method_label(method), "precision": precision, "batch": batch, "seq": seq}
     try:
         predicted = estimate.estimate(settings, method)
         row["estimate"] = {"peak": predicted.peak, **predicted.components(), "peak_at": predicted.peak_at,
@@ -301,7 +300,7 @@ def run_cli(check: Check, name: str, launcher: list[str], overrides: tuple[str, 
     """`lora-sweep` with `overrides` in its own results folder under --work; the records it wrote, summarised."""
     runs = check.work / name / "runs"
     command = [*launcher, "-m", "lora_sweep", f"model.name_or_path={cli_model(check)}", "model.name=minilm_random",
-               f"results_dir={runs}", f"cache_dir={check.work / 'cache'}", f"train.device={check.device}",
+               f"runs_dir={runs}", f"cache_dir={check.work / 'cache'}", f"train.device={check.device}",
                *(CLI_TINY if check.tiny else CLI_RUN), *overrides]
     env = {**os.environ, "GLUE_DIR": str(check.assets / "glue"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
@@ -363,31 +362,6 @@ def markdown(results: dict) -> str:
     """The JSON's figures as tables: one row per configuration measured, per LoRA saving, per command-line run."""
     s, packages = results["sections"], results["environment"]["packages"]
     peak = s.get("peak", {})
-    pct = "{:+.1%}"
-    measured = []
-    for name in ("small", "large_1b", "large_3b"):
-        for r in s.get(name, {}).get("rows", []):
-            probe, est = r.get("probe", {}), r["estimate"]
-            split = " / ".join(cell(probe.get(k, 0) / MIB, "{:,.0f}") for k in ("weights", "gradients", "optimizer", "activations", "other"))
-            measured.append([name, r["model"], r["method"], r["precision"], f"{r['batch']} × {r['seq']}",
-                             mib(probe.get("peak")), split if probe else "–",
-                             mib(r.get("cuda_peak")), mib(est.get("peak")),
-                             cell(r.get("error_vs_cuda"), pct), cell(r.get("error_vs_probe"), pct),
-                             cell(1000 * r["step_s"] if "step_s" in r else None, "{:.1f}"), cell(r.get("tokens_per_s"), "{:,.0f}"),
-                             cell(r.get("tflops"), "{:.2f}"), cell(r.get("peak_fraction"), "{:.1%}"),
-                             r.get("skipped") or r.get("error") or est.get("error") or ""])
-    saved = [[name, d["model"], d["method"], mib(d["measured"].get("cuda_peak")),
-              mib(d["measured"]["probe"]), mib(d["estimated"])]
-             for name in ("small", "large_1b", "large_3b") for d in s.get(name, {}).get("lora_savings", [])]
-    cli = []
-    for name in ("cli", "ddp"):
-        c = s.get(name, {})
-        for run in c.get("runs") or [{}]:
-            cli.append([name, str(c.get("exit_status", "–")), cell(c.get("wall_s"), "{:.0f}"), run.get("method", "–"),
-                        cell(run.get("r"), "{}"), run.get("status", "–"), cell(run.get("primary"), "{:.4f}"),
-                        mib(run.get("probe_peak")), mib(run.get("cuda_peak")), cell(run.get("train_s"), "{:.1f}"),
-                        cell(run.get("tokens_per_s"), "{:,.0f}"), cell((run.get("processes") or {}).get("world_size"), "{}"),
-                        run.get("error") or c.get("error") or ""])
     lines = [f"# GPU check: {results['device']}", "",
              f"{'Tiny CPU mode' if results['tiny'] else 'Full mode'}; torch {packages['torch']}, transformers {packages['transformers']}, "
              f"peft {packages['peft']}; {results['seconds']:.0f} s in all. Measured matmul peak: "
@@ -395,16 +369,53 @@ def markdown(results: dict) -> str:
              "", "Memory in MiB; error = estimate / measured − 1; the probe's split is weights / gradients / optimizer state / "
              "activations / other at its peak; TFLOP/s = the estimate's training FLOPs of a step / the measured step time.", "",
              *table(["section", "model", "method", "precision", "batch × seq", "probe peak", "probe split", "CUDA max allocated",
-                     "estimate", "vs CUDA", "vs probe", "step ms", "tokens/s", "TFLOP/s", "of peak", "note"], measured),
+                     "estimate", "vs CUDA", "vs probe", "step ms", "tokens/s", "TFLOP/s", "of peak", "note"], measured_rows(s)),
              "", "LoRA's peak below full FT's (MiB):", "",
-             *table(["section", "model", "method", "measured (CUDA)", "measured (probe)", "estimated"], saved),
+             *table(["section", "model", "method", "measured (CUDA)", "measured (probe)", "estimated"], saving_rows(s)),
              "", "The command line (`lora-sweep` records):", "",
              *table(["section", "exit", "wall s", "method", "r", "status", "primary", "probe peak", "CUDA max allocated",
-                     "train s", "tokens/s", "processes", "error"], cli)]
+                     "train s", "tokens/s", "processes", "error"], cli_rows(s))]
     errors = [f"- {name}: {v.get('error') or v.get('skipped')}" for name, v in s.items() if "error" in v or "skipped" in v]
     if errors:
         lines += ["", "Sections that failed or were skipped:", "", *errors]
     return "\n".join(lines) + "\n"
+
+
+def measured_rows(s: dict) -> list[list[str]]:
+    """One row per configuration of the model sections: probe, CUDA allocator and estimate side by side."""
+    pct = "{:+.1%}"
+    rows = []
+    for name in ("small", "large_1b", "large_3b"):
+        for r in s.get(name, {}).get("rows", []):
+            probe, est = r.get("probe", {}), r["estimate"]
+            split = " / ".join(cell(probe.get(k, 0) / MIB, "{:,.0f}") for k in ("weights", "gradients", "optimizer", "activations", "other"))
+            rows.append([name, r["model"], r["method"], r["precision"], f"{r['batch']} × {r['seq']}",
+                         mib(probe.get("peak")), split if probe else "–",
+                         mib(r.get("cuda_peak")), mib(est.get("peak")),
+                         cell(r.get("error_vs_cuda"), pct), cell(r.get("error_vs_probe"), pct),
+                         cell(1000 * r["step_s"] if "step_s" in r else None, "{:.1f}"), cell(r.get("tokens_per_s"), "{:,.0f}"),
+                         cell(r.get("tflops"), "{:.2f}"), cell(r.get("peak_fraction"), "{:.1%}"),
+                         r.get("skipped") or r.get("error") or est.get("error") or ""])
+    return rows
+
+
+def saving_rows(s: dict) -> list[list[str]]:
+    return [[name, d["model"], d["method"], mib(d["measured"].get("cuda_peak")), mib(d["measured"]["probe"]), mib(d["estimated"])]
+            for name in ("small", "large_1b", "large_3b") for d in s.get(name, {}).get("lora_savings", [])]
+
+
+def cli_rows(s: dict) -> list[list[str]]:
+    """One row per record the command-line sections wrote (one empty row for a section that wrote none)."""
+    rows = []
+    for name in ("cli", "ddp"):
+        c = s.get(name, {})
+        for run in c.get("runs") or [{}]:
+            rows.append([name, str(c.get("exit_status", "–")), cell(c.get("wall_s"), "{:.0f}"), run.get("method", "–"),
+                         cell(run.get("r"), "{}"), run.get("status", "–"), cell(run.get("primary"), "{:.4f}"),
+                         mib(run.get("probe_peak")), mib(run.get("cuda_peak")), cell(run.get("train_s"), "{:.1f}"),
+                         cell(run.get("tokens_per_s"), "{:,.0f}"), cell((run.get("processes") or {}).get("world_size"), "{}"),
+                         run.get("error") or c.get("error") or ""])
+    return rows
 
 
 # --- what travels ------------------------------------------------------------------------------------------------------
@@ -415,15 +426,28 @@ def prepare(folder: Path, download: bool) -> None:
     lines of the GLUE files the command-line sections read."""
     folder.mkdir(parents=True, exist_ok=True)
     if download:
-        pinned = [f"{p}=={metadata.version(p)}" for p in WHEELS]
-        pip = [sys.executable, "-m", "pip"]
-        subprocess.run([*pip, "download", "-q", "--only-binary=:all:", "--no-deps", *PLATFORM, "-d", str(folder), *pinned], check=True)
-        built = [f"{p}=={metadata.version(p)}" for p in SDIST_ONLY]
-        ours = not (ROOT / "build").exists()  # setuptools builds this package in <root>/build: remove it after
-        subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(folder), *built, str(ROOT)], check=True)
-        if ours:
-            shutil.rmtree(ROOT / "build")
-    assets = folder / "assets"
+        download_wheels(folder)
+    copy_assets(folder / "assets")
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    for p in sorted(f for f in files if f.suffix == ".whl"):
+        print(f"  {p.stat().st_size / MIB:6.2f} MiB  {p.name}")
+    print(f"{folder}: {sum(p.stat().st_size for p in files) / MIB:.1f} MiB in {len(files)} files")
+
+
+def download_wheels(folder: Path) -> None:
+    """The packages the GPU machine lacks at this environment's versions, this package and the sdist-only ones built here."""
+    pinned = [f"{p}=={metadata.version(p)}" for p in WHEELS]
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "download", "-q", "--only-binary=:all:", "--no-deps", *PLATFORM, "-d", str(folder), *pinned], check=True)
+    built = [f"{p}=={metadata.version(p)}" for p in SDIST_ONLY]
+    ours = not (ROOT / "build").exists()  # setuptools builds this package in <root>/build: remove it after
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(folder), *built, str(ROOT)], check=True)
+    if ours:
+        shutil.rmtree(ROOT / "build")
+
+
+def copy_assets(assets: Path) -> None:
+    """The embedded models' configs, MiniLM's tokenizer and the first lines of the GLUE files: the machine has no network."""
     minilm = resolve_model(compose("model=minilm_l6").model.name_or_path, ROOT / ".cache" / "lora_sweep")
     AutoConfig.from_pretrained(minilm).save_pretrained(assets / "models" / "minilm_l6")
     AutoTokenizer.from_pretrained(minilm).save_pretrained(assets / "models" / "minilm_l6")
@@ -435,15 +459,10 @@ def prepare(folder: Path, download: bool) -> None:
         (assets / "glue" / name).parent.mkdir(parents=True, exist_ok=True)
         with open(glue / name, encoding="utf-8") as src:
             (assets / "glue" / name).write_text("".join(line for _, line in zip(range(lines + 1), src)), encoding="utf-8")
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    for p in sorted(f for f in files if f.suffix == ".whl"):
-        print(f"  {p.stat().st_size / MIB:6.2f} MiB  {p.name}")
-    print(f"{folder}: {sum(p.stat().st_size for p in files) / MIB:.1f} MiB in {len(files)} files")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments() -> argparse.Namespace:
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--out", default="results/gpu", help="folder for gpu_check.json and gpu_check.md (default results/gpu)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default: CUDA when present")
     parser.add_argument("--tiny", action="store_true", help="tiny configs of the same models (with --device cpu: about a minute)")
@@ -454,15 +473,11 @@ def main() -> None:
     parser.add_argument("--work", help="folder for model folders and the CLI runs' records (default: a new temporary folder)")
     parser.add_argument("--prepare", metavar="FOLDER", help="write the wheels and assets the GPU machine needs into FOLDER, and stop")
     parser.add_argument("--no-download", action="store_true", help="with --prepare: the assets only, no wheels")
-    args = parser.parse_args()
-    if args.prepare:
-        prepare(Path(args.prepare), download=not args.no_download)
-        return
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cpu":
-        torch.set_num_threads(1)
-    check = Check(args)
+    return parser.parse_args()
+
+
+def run_sections(check: Check) -> None:
+    """The sections in order, each recorded as it ends; the 3B model last, only if the budget leaves it time."""
     check.section("peak", lambda: matmul_peak(check))
     peak = check.results["sections"]["peak"].get("tflops")
     check.section("small", lambda: small_models(check, peak))
@@ -477,6 +492,19 @@ def main() -> None:
     else:
         check.results["sections"]["large_3b"] = {"skipped": f"{check.left():.0f} s left, about {3 * one_b:.0f} s needed"}
     check.save()
+
+
+def main() -> None:
+    args = arguments()
+    if args.prepare:
+        prepare(Path(args.prepare), download=not args.no_download)
+        return
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    check = Check(args)
+    run_sections(check)
     print(markdown(check.results))
     print(f"[gpu-check] wrote {check.out / 'gpu_check.json'} and {check.out / 'gpu_check.md'}; work folder {check.work}")
 

@@ -25,7 +25,6 @@ with FLOPs (lora_sweep.flops) / the measured dense-matmul rate: the ratio is the
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
@@ -91,25 +90,39 @@ def mib(x: float) -> str:
     return f"{x / MIB:8.1f}"
 
 
+def configurations(configs: dict):
+    """(model, overrides, batch, seq) of every configuration in `configs`, model by model, method by method."""
+    for name, (shapes, methods) in configs.items():
+        for overrides in methods:
+            for batch, seq in shapes:
+                yield name, overrides, batch, seq
+
+
+def predict_and_measure(name: str, overrides: tuple[str, ...], batch: int, seq: int, cache_dir: str, device: str,
+                        *extra: str) -> tuple[estimate.Estimate, dict]:
+    """The estimate of one configuration and the measurement of its probed step."""
+    s = settings_for(name, overrides, cache_dir, f"estimate.batch_size={batch}", f"estimate.seq_len={seq}", *extra)
+    predicted = estimate.estimate(s, common.trained_method(s))
+    measured = measure(s, batch, seq, device)
+    gc.collect()
+    return predicted, measured
+
+
 def part_probe(configs: dict, cache_dir: str, title: str, *extra: str) -> list[float]:
+    """The estimate against the harness's probe, in total and per component, with where each puts the peak."""
     print(f"\n{title} (MiB; error = predicted / measured - 1)")
     print(f"  {'model':<8s} {'method':<22s} {'batch':>5s} {'seq':>4s} {'peak pred':>9s} {'measured':>9s} {'error':>7s}   "
           f"weights p/m          grads p/m            optimizer p/m        activations p/m      peak at")
     errors = []
-    for name, (shapes, methods) in configs.items():
-        for overrides in methods:
-            for batch, seq in shapes:
-                s = settings_for(name, overrides, cache_dir, f"estimate.batch_size={batch}", f"estimate.seq_len={seq}", *extra)
-                predicted = estimate.estimate(s, s.method if s.method.name == "lora" else s.baseline)
-                measured = measure(s, batch, seq, "cpu")
-                gc.collect()
-                err = predicted.peak / measured["peak"] - 1
-                errors.append(err)
-                probe_at = "optimizer step" if measured["other"] > measured["activations"] else "backward"
-                where = predicted.peak_at if probe_at == predicted.peak_at else f"{predicted.peak_at} (probe: {probe_at})"
-                parts = "  ".join(f"{mib(getattr(predicted, k))}/{mib(measured[k])}" for k in ("weights", "gradients", "optimizer", "activations"))
-                print(f"  {name:<8s} {predicted.label:<22s} {batch:5d} {seq:4d} {mib(predicted.peak):>9s} {mib(measured['peak']):>9s} "
-                      f"{100 * err:+6.1f}%   {parts}  {where}", flush=True)
+    for name, overrides, batch, seq in configurations(configs):
+        predicted, measured = predict_and_measure(name, overrides, batch, seq, cache_dir, "cpu", *extra)
+        err = predicted.peak / measured["peak"] - 1
+        errors.append(err)
+        probe_at = "optimizer step" if measured["other"] > measured["activations"] else "backward"
+        where = predicted.peak_at if probe_at == predicted.peak_at else f"{predicted.peak_at} (probe: {probe_at})"
+        parts = "  ".join(f"{mib(getattr(predicted, k))}/{mib(measured[k])}" for k in ("weights", "gradients", "optimizer", "activations"))
+        print(f"  {name:<8s} {predicted.label:<22s} {batch:5d} {seq:4d} {mib(predicted.peak):>9s} {mib(measured['peak']):>9s} "
+              f"{100 * err:+6.1f}%   {parts}  {where}", flush=True)
     absolute = [abs(e) for e in errors]
     print(f"  peak error over {len(errors)} configurations: median |error| {100 * statistics.median(absolute):.1f} %, "
           f"max |error| {100 * max(absolute):.1f} %, mean error {100 * statistics.mean(errors):+.1f} % (goal: within 5 %)")
@@ -117,20 +130,16 @@ def part_probe(configs: dict, cache_dir: str, title: str, *extra: str) -> list[f
 
 
 def part_cuda(configs: dict, cache_dir: str) -> None:
+    """The estimate against CUDA's allocator, under the precision lora-sweep trains in on a GPU."""
     print("\nPart 1b (CUDA): bf16 autocast over fp32 weights (as lora-sweep trains on a GPU) vs torch.cuda.max_memory_allocated")
     errors = []
-    for name, (shapes, methods) in configs.items():
-        for overrides in methods:
-            for batch, seq in shapes:
-                s = settings_for(name, overrides, cache_dir, f"estimate.batch_size={batch}", f"estimate.seq_len={seq}",
-                                 "estimate.device=cuda", "estimate.precision=bf16_autocast")
-                predicted = estimate.estimate(s, s.method if s.method.name == "lora" else s.baseline)
-                measured = measure(s, batch, seq, "cuda")
-                gc.collect()
-                err = predicted.peak / measured["cuda_peak"] - 1
-                errors.append(err)
-                print(f"  {name:<8s} {predicted.label:<22s} {batch:5d} {seq:4d} predicted {mib(predicted.peak)} measured "
-                      f"{mib(measured['cuda_peak'])} MiB  {100 * err:+6.1f}%", flush=True)
+    for name, overrides, batch, seq in configurations(configs):
+        predicted, measured = predict_and_measure(name, overrides, batch, seq, cache_dir, "cuda",
+                                                  "estimate.device=cuda", "estimate.precision=bf16_autocast")
+        err = predicted.peak / measured["cuda_peak"] - 1
+        errors.append(err)
+        print(f"  {name:<8s} {predicted.label:<22s} {batch:5d} {seq:4d} predicted {mib(predicted.peak)} measured "
+              f"{mib(measured['cuda_peak'])} MiB  {100 * err:+6.1f}%", flush=True)
     print(f"  max |error| {100 * max(abs(e) for e in errors):.1f} % over {len(errors)} configurations")
 
 
@@ -140,17 +149,15 @@ def part_published(cache_dir: str) -> None:
     for label, overrides, batch, seq, published in PUBLISHED:
         s = compose(*overrides, "task=instruct/alpaca", f"cache_dir={cache_dir}", "estimate.precision=bf16",
                     f"estimate.batch_size={batch}", f"estimate.seq_len={seq}")
-        e = estimate.estimate(s, s.method if s.method.name == "lora" else s.baseline)
+        e = estimate.estimate(s, common.trained_method(s))
         rule = 4 * 2 * e.params  # accelerate's estimate-memory for Adam training: 4 x the bf16 model
         split = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in e.components().items() if v)
         print(f"  {label:<42s} {published / 1e9:9.2f} {e.peak / 1e9:9.2f} {100 * (e.peak / published - 1):+6.1f}% "
               f"{rule / 1e9:8.2f} {100 * (rule / published - 1):+6.1f}%   {split}")
 
 
-def part_time(cache_dir: str) -> None:
-    from lora_sweep.flops import flop_model
-
-    print("\nPart 3: step time on this CPU vs FLOPs / measured matmul rate (fp32, one optimizer step, median of 3)")
+def matmul_rate() -> float:
+    """FLOP/s of a dense fp32 1024^3 matmul on torch's threads: what a step's FLOPs are read against."""
     threads = torch.get_num_threads()
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -160,38 +167,53 @@ def part_time(cache_dir: str) -> None:
         a @ b
     rate = 10 * 2 * n**3 / (time.perf_counter() - start)
     print(f"  dense fp32 matmul {n}^3 on {threads} threads: {rate / 1e9:.1f} GFLOP/s")
+    return rate
+
+
+def time_step(s: Settings, method, batch: int, seq: int) -> tuple[float, list[float]]:
+    """The FLOPs of one optimizer step of the model `s` trains on `batch` x `seq` synthetic ids, and the seconds of
+    three such steps after a warm-up."""
+    from lora_sweep.flops import flop_model
+
+    family = family_for(s)
+    model = family.load_model(resolve_model(s.model.name_or_path, s.cache_dir), s)
+    model, _ = adapters.apply_method(model, method, family.TASK_TYPE)
+    model.train()
+    optimizer = optimizer_for(model, method, s.train)
+    ids = torch.randint(100, model.config.vocab_size, (batch, seq))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "labels": ids if s.task.family == "instruct" else torch.zeros(batch, dtype=torch.long)}
+    flops = flop_model(model, inputs).batch([seq] * batch, padded=True)
+    times = []
+    for k in range(4):
+        start = time.perf_counter()
+        model(**inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if k:
+            times.append(time.perf_counter() - start)
+    del model, optimizer
+    gc.collect()
+    return flops, times
+
+
+def part_time(cache_dir: str) -> None:
+    """How much of the matmul rate a CPU training step reaches: the estimate's time assumes a utilization."""
+    print("\nPart 3: step time on this CPU vs FLOPs / measured matmul rate (fp32, one optimizer step, median of 3)")
+    rate = matmul_rate()
     for name, overrides, batch, seq in (("minilm", ("method=full",), 32, 64), ("minilm", ("method.r=8",), 32, 64),
                                         ("smollm2", ("method.r=8",), 4, 64)):
         s = settings_for(name, overrides, cache_dir)
-        method = s.method if s.method.name == "lora" else s.baseline
-        family = family_for(s)
-        model = family.load_model(resolve_model(s.model.name_or_path, s.cache_dir), s)
-        model, _ = adapters.apply_method(model, method, family.TASK_TYPE)
-        model.train()
-        optimizer = optimizer_for(model, method, s.train)
-        ids = torch.randint(100, model.config.vocab_size, (batch, seq))
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                  "labels": ids if s.task.family == "instruct" else torch.zeros(batch, dtype=torch.long)}
-        flops = flop_model(model, inputs).batch([seq] * batch, padded=True)
-        times = []
-        for k in range(4):
-            start = time.perf_counter()
-            model(**inputs).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if k:
-                times.append(time.perf_counter() - start)
+        method = common.trained_method(s)
+        flops, times = time_step(s, method, batch, seq)
         measured = statistics.median(times)
-        print(f"  {name:<8s} {'full FT' if method.name == 'full' else f'LoRA r={method.r} {method.targets}':<16s} batch {batch} x {seq}: "
+        print(f"  {name:<8s} {common.method_label(method):<16s} batch {batch} x {seq}: "
               f"{flops / 1e9:7.1f} GFLOP/step, at the matmul rate {flops / rate:.3f} s, measured {measured:.3f} s "
               f"(range {min(times):.3f}-{max(times):.3f}): utilization {flops / rate / measured:.2f}")
-        del model, optimizer
-        gc.collect()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a few configurations, to check that it works")
     parser.add_argument("--cache-dir", default=".cache/lora_sweep", help="where the converted SmolLM2 lives (default: the project's cache)")
     parser.add_argument("--parts", default="1,2,3", help="which parts to run (default 1,2,3)")

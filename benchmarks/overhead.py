@@ -34,11 +34,9 @@ runs.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.utils.data import DataLoader
@@ -61,89 +59,96 @@ def bare_run(bench: common.Bench, schedule: batching.Plan) -> tuple[float, list[
     scheduler = get_linear_schedule_with_warmup(optimizer, round(train.warmup_ratio * steps), steps)
     # Its own generator: the loader's seed draw must not consume the global RNG that dropout uses (same masks as fit).
     batches = iter(DataLoader(bench.train_set, batch_sampler=schedule.batches, collate_fn=bench.collate, generator=torch.Generator()))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bench.device == "cuda" else nullcontext()
+    autocast = common.autocast(bench.device)
     losses = []
     gc.collect()
     common.synchronize(bench.device)
     start = time.perf_counter()
     for micros in schedule.steps:
-        step_loss, examples = 0.0, sum(map(len, micros))
-        for micro in micros:
-            batch = {k: v.to(bench.device) for k, v in next(batches).items()}
-            with autocast:
-                loss = model(**batch).loss
-            if len(micro) != examples:
-                loss = loss * (len(micro) / examples)
-            loss.backward()
-            step_loss += loss.item()
+        losses.append(bare_step(bench.device, model, micros, batches, autocast))
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
     common.synchronize(bench.device)
     return time.perf_counter() - start, losses
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.common_arguments(parser, steps=50, repeats=9)
-    parser.add_argument("--probe", action="store_true", help="add a third variant: the harness with its one-step memory probe on")
-    args = parser.parse_args()
-    bench = common.setup(args.steps, args.threads, args.overrides)
-    if bench.method("lora").name != "lora":
-        parser.error("overhead.py times a LoRA run: leave method=lora")
-    common.header(f"harness fit() vs a bare PyTorch + PEFT loop: {bench.label('lora')}, lr {bench.method('lora').lr:g}", bench, args)
-    schedule = bench.schedule()
-    counts = batching.token_counts(schedule.batches, bench.lengths)
-    real_tokens = counts["real_tokens"]
-    print(f"  batches: {bench.train.batching}, {real_tokens} real tokens per run, "
-          f"padding {100 * counts['padding_fraction']:.1f} %", flush=True)
+def bare_step(device: str, model: torch.nn.Module, micros: list, batches, autocast) -> float:
+    """Forward and backward of one step's micro-batches, each loss weighted by its share of the step's examples (as fit
+    weights them); the step's loss."""
+    step_loss, examples = 0.0, sum(map(len, micros))
+    for micro in micros:
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        with autocast:
+            loss = model(**batch).loss
+        if len(micro) != examples:
+            loss = loss * (len(micro) / examples)
+        loss.backward()
+        step_loss += loss.item()
+    return step_loss
 
-    losses: dict[str, list[float]] = {}
 
+def variants(bench: common.Bench, schedule: batching.Plan, probe: bool, losses: dict[str, list[float]]) -> dict:
+    """bare and harness (and harness+probe) runs on `schedule` or a warm-up plan; each run leaves its step losses in `losses`."""
     def bare(plan: batching.Plan = schedule) -> dict[str, float]:
         seconds, losses["bare"] = bare_run(bench, plan)
         return {"s_per_step": seconds / len(losses["bare"]), "tok_per_s": batching.token_counts(plan.batches, bench.lengths)["real_tokens"] / seconds}
 
     def harness(plan: batching.Plan = schedule, probe: bool = False) -> dict[str, float]:
-        result = common.run_harness(bench, bench.method("lora"), plan, memory_probe=probe)
+        result = common.run_checked(bench, plan, memory_probe=probe)
         losses["harness+probe" if probe else "harness"] = result.step_losses
-        if result.steps != len(plan.steps):
-            raise RuntimeError(f"the harness stopped after {result.steps} steps: {result.divergence}")
-        return {"s_per_step": result.seconds / result.steps, "tok_per_s": result.real_tokens / result.seconds}
+        return common.rates(result)
 
-    variants = {"bare": bare, "harness": harness}
-    if args.probe:
-        variants["harness+probe"] = lambda plan=schedule: harness(plan, probe=True)
+    out = {"bare": bare, "harness": harness}
+    if probe:
+        out["harness+probe"] = lambda plan=schedule: harness(plan, probe=True)
+    return out
 
-    start = time.perf_counter()
-    warm = bench.schedule(steps=common.WARMUP_STEPS)
-    for run in variants.values():
-        run(warm)
-    print(f"  warm-up done ({common.elapsed(start)}); timed runs:", flush=True)
-    runs = timing.interleaved(variants, args.repeats, lambda r: f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s")
 
-    same = max(abs(a - b) for name in variants if name != "bare" for a, b in zip(losses[name], losses["bare"]))
-    print(f"\nresults ({args.steps} steps per run; medians over {args.repeats} repeats; wall time {common.elapsed(start)}):")
+def report(runs: dict[str, list[dict[str, float]]], losses: dict[str, list[float]]) -> None:
+    """Medians per variant, whether the computations were the same, and each variant's ratio to bare against the target."""
+    same = max(abs(a - b) for name in runs if name != "bare" for a, b in zip(losses[name], losses["bare"]))
     print(f"  {'variant':<16s} {'s/step':>9s} {'min-max s/step':>17s} {'real tok/s':>11s}")
     for name, values in runs.items():
         s = [r["s_per_step"] for r in values]
-        tok = statistics.median(r["tok_per_s"] for r in values)
-        print(f"  {name:<16s} {statistics.median(s):9.4f} {min(s):8.4f}-{max(s):<8.4f} {tok:11.0f}")
+        print(f"  {name:<16s} {statistics.median(s):9.4f} {min(s):8.4f}-{max(s):<8.4f} {common.median(values, 'tok_per_s'):11.0f}")
     print(f"  same computation: largest |step loss difference| vs bare = {same:.2e}")
-    for name in variants:
+    for name in runs:
         if name == "bare":
             continue
         r = timing.ratios(runs[name], runs["bare"], "s_per_step")
-        lo, hi, cover = timing.median_interval(r) if len(r) > 1 else (r[0], r[0], 0.0)
-        if cover < 0.9:
-            verdict = f"undecided ({len(r)} repeats give no interval of 90 % or more: use --repeats 5 or more)"
-        else:
-            verdict = "met" if hi <= 1.05 else "missed" if lo > 1.05 else "undecided (the interval straddles 1.05: more repeats)"
-        print(f"  ratio {name}/bare s/step: {timing.spread(r)}\n    target <= 1.05: {verdict}")
+        print(f"  ratio {name}/bare s/step: {timing.spread(r)}\n    target <= 1.05: {verdict(r)}")
+
+
+def verdict(r: list[float]) -> str:
+    """harness / bare <= 1.05, decided only by an interval that lies wholly on one side of it."""
+    lo, hi, cover = timing.median_interval(r) if len(r) > 1 else (r[0], r[0], 0.0)
+    if cover < 0.9:
+        return f"undecided ({len(r)} repeats give no interval of 90 % or more: use --repeats 5 or more)"
+    return "met" if hi <= 1.05 else "missed" if lo > 1.05 else "undecided (the interval straddles 1.05: more repeats)"
+
+
+def main() -> None:
+    parser = common.argument_parser(__doc__)
+    common.common_arguments(parser, steps=50, repeats=9)
+    parser.add_argument("--probe", action="store_true", help="add a third variant: the harness with its one-step memory probe on")
+    args, bench = common.parse(parser, lora_only="overhead.py times a LoRA run")
+    common.header(f"harness fit() vs a bare PyTorch + PEFT loop: {bench.label('lora')}, lr {bench.method('lora').lr:g}", bench, args)
+    schedule = bench.schedule()
+    counts = batching.token_counts(schedule.batches, bench.lengths)
+    print(f"  batches: {bench.train.batching}, {counts['real_tokens']} real tokens per run, "
+          f"padding {100 * counts['padding_fraction']:.1f} %", flush=True)
+
+    losses: dict[str, list[float]] = {}
+    timed = variants(bench, schedule, args.probe, losses)
+    start = time.perf_counter()
+    warm = bench.schedule(steps=common.WARMUP_STEPS)
+    runs = common.warm_then_time([lambda run=run: run(warm) for run in timed.values()], timed, args.repeats,
+                                 lambda r: f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s", start)
+    print(f"\nresults ({args.steps} steps per run; medians over {args.repeats} repeats; wall time {common.elapsed(start)}):")
+    report(runs, losses)
 
 
 if __name__ == "__main__":

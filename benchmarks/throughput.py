@@ -45,10 +45,9 @@ what the model's shapes allow. On a busy machine torch's threads slow down many-
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-from contextlib import nullcontext
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -59,13 +58,13 @@ from lora_sweep import batching, timing
 from lora_sweep.flops import FlopModel, flop_model
 
 LINEAR_OPS = ("mm", "addmm")  # what nn.Linear runs as, forward and backward; any other counted op is attention
+Rows = tuple[tuple[str, str, str], ...]  # the training variants: (name as printed, method, plan), full FT first
 
 
 def counted_flops(model: nn.Module, batch: dict, device: str) -> tuple[float, float]:
     """torch.utils.flop_counter's count of one forward + backward: (linear products, everything else it saw)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
     with FlopCounterMode(display=False) as counter:
-        with autocast:
+        with common.autocast(device):
             loss = model(**batch).loss
         loss.backward()
     ops = counter.get_flop_counts()["Global"]
@@ -73,120 +72,156 @@ def counted_flops(model: nn.Module, batch: dict, device: str) -> tuple[float, fl
     return float(linear), float(sum(ops.values()) - linear)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.common_arguments(parser, steps=50, repeats=5)
-    args = parser.parse_args()
-    bench = common.setup(args.steps, args.threads, args.overrides)
-    lora, full = bench.method("lora"), bench.method("full")
-    if lora.name != "lora":
-        parser.error("throughput.py compares full FT with a LoRA run: leave method=lora")
-    common.header("training throughput against dense matmul throughput", bench, args)
-    dtype = torch.bfloat16 if bench.device == "cuda" else torch.float32
-    dtype_name = str(dtype).removeprefix("torch.")
-
-    default, random = bench.schedule(), bench.schedule("random")
-    plans = {"sorted": default, "random": random}
-    tokens = {k: batching.token_counts(p.batches, bench.lengths) for k, p in plans.items()}
-
-    # The FLOP model of each method, read off its model, and checked on one padded batch against torch's counter.
-    example = batching.load_batch(bench.train_set, random.batches[0], bench.collate, bench.device)
+def flop_models(bench: common.Bench, plans: dict[str, batching.Plan], tokens: dict[str, dict]) -> tuple[dict[str, FlopModel], Any]:
+    """Each method's FLOP model, read off its own model and checked on one padded batch against torch's counter (the
+    GFLOP/s below are only as right as this count), and the model's config (the FFN-shaped matmul's shape)."""
+    example = batching.load_batch(bench.train_set, plans["random"].batches[0], bench.collate, bench.device)
     flops: dict[str, FlopModel] = {}
     config = None
     print("\nFLOP model (matrix products only; training = forward + backward; per token unless said):")
-    for name, method in (("full", full), ("lora", lora)):
-        model = common.build_model(bench, method).to(bench.device)
-        fm = flops[name] = flop_model(model, example)
+    for name in ("full", "lora"):
+        model = common.build_model(bench, bench.method(name)).to(bench.device)
+        flops[name] = flop_model(model, example)
         config = model.config
-        b, p = example["input_ids"].shape
-        linear, other = counted_flops(model, example, bench.device)
-        ours_linear = b * p * fm.token_train + b * fm.example_train
-        ours_attention = b * p * fm.attention_train * p
-        print(f"  {bench.label(name)}:")
-        for kind, (weights, fwd, train) in fm.groups.items():
-            unit = "example" if kind == "task head" else "token"
-            print(f"    {kind:<16s} {weights / 1e6:8.3f} M weights  forward {fwd / 1e6:7.2f} MFLOP/{unit}  "
-                  f"training {train / 1e6:7.2f} MFLOP/{unit} ({train / fwd:.2f}x forward)")
-        print(f"    attention        forward {fm.attention_fwd:.0f} x seq FLOP/token, training 3x: {fm.attention_train:.0f} x seq "
-              f"(seq = the example's own length for the useful count, the batch's padded length for the computed count)")
-        check = f"attention analytic {ours_attention / 1e9:.3f} vs counted {other / 1e9:.3f} GFLOP" if other else \
-            f"attention {ours_attention / 1e9:.3f} GFLOP analytic only (the counter does not see this device's fused attention kernel)"
-        print(f"    check on one padded batch ({b} x {p} tokens, forward + backward): linear layers analytic {ours_linear / 1e9:.3f} "
-              f"vs torch.utils.flop_counter {linear / 1e9:.3f} GFLOP ({100 * (ours_linear / linear - 1):+.2f} %); {check}")
+        show_flop_model(bench.label(name), flops[name], counted_flops(model, example, bench.device), example["input_ids"].shape)
         del model
     for name in ("full", "lora"):
-        useful, computed = flops[name].plan(default, bench.lengths)
-        print(f"  {bench.label(name)}, sorted plan: {useful / tokens['sorted']['real_tokens'] / 1e6:.1f} MFLOP per real token "
-              f"(useful), {computed / tokens['sorted']['real_tokens'] / 1e6:.1f} computed per real token")
+        useful, computed = flops[name].plan(plans["sorted"], bench.lengths)
+        real = tokens["sorted"]["real_tokens"]
+        print(f"  {bench.label(name)}, sorted plan: {useful / real / 1e6:.1f} MFLOP per real token "
+              f"(useful), {computed / real / 1e6:.1f} computed per real token")
+    return flops, config
 
-    ffn_rows = int(statistics.median(batching.padded_tokens(b, bench.lengths) for b in default.batches))
-    hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
 
+def show_flop_model(label: str, fm: FlopModel, counted: tuple[float, float], shape: tuple[int, int]) -> None:
+    """One method's count per group of layers, and the check: the count of one padded batch of `shape` beside torch's."""
+    (b, p), (linear, other) = shape, counted
+    ours_linear = b * p * fm.token_train + b * fm.example_train
+    ours_attention = b * p * fm.attention_train * p
+    print(f"  {label}:")
+    for kind, (weights, fwd, train) in fm.groups.items():
+        unit = "example" if kind == "task head" else "token"
+        print(f"    {kind:<16s} {weights / 1e6:8.3f} M weights  forward {fwd / 1e6:7.2f} MFLOP/{unit}  "
+              f"training {train / 1e6:7.2f} MFLOP/{unit} ({train / fwd:.2f}x forward)")
+    print(f"    attention        forward {fm.attention_fwd:.0f} x seq FLOP/token, training 3x: {fm.attention_train:.0f} x seq "
+          f"(seq = the example's own length for the useful count, the batch's padded length for the computed count)")
+    check = f"attention analytic {ours_attention / 1e9:.3f} vs counted {other / 1e9:.3f} GFLOP" if other else \
+        f"attention {ours_attention / 1e9:.3f} GFLOP analytic only (the counter does not see this device's fused attention kernel)"
+    print(f"    check on one padded batch ({b} x {p} tokens, forward + backward): linear layers analytic {ours_linear / 1e9:.3f} "
+          f"vs torch.utils.flop_counter {linear / 1e9:.3f} GFLOP ({100 * (ours_linear / linear - 1):+.2f} %); {check}")
+
+
+def matmul_variant(device: str, dtype: torch.dtype, ffn: tuple[int, int, int]) -> Callable[[], dict[str, float]]:
+    """(a): the machine's dense matmul rate, and that of the model's own FFN shape, measured in the same repeat as training."""
     def matmul() -> dict[str, float]:
-        return {"gflops": common.matmul_gflops(bench.device, dtype),
-                "gflops_ffn": common.matmul_gflops(bench.device, dtype, ffn_rows, hidden, inter)}
+        return {"gflops": common.matmul_gflops(device, dtype), "gflops_ffn": common.matmul_gflops(device, dtype, *ffn)}
+    return matmul
 
-    def training(name: str, plan_name: str):
-        def run(plan: batching.Plan | None = None) -> dict[str, float]:
-            plan = plan or plans[plan_name]
-            result = common.run_harness(bench, bench.method(name), plan)
-            expected = batching.token_counts(plan.batches, bench.lengths)
-            if result.steps != len(plan.steps) or result.real_tokens != expected["real_tokens"]:
-                raise RuntimeError(f"{name}: the harness ran {result.steps} steps / {result.real_tokens} real tokens, not the plan's "
-                                   f"({result.divergence or 'tokens differ'})")
-            useful, computed = flops[name].plan(plan, bench.lengths)
-            s = result.seconds
-            return {"s_per_step": s / result.steps, "tok_per_s": result.real_tokens / s, "computed_tok_per_s": result.computed_tokens / s,
-                    "gflops_useful": useful / s / 1e9, "gflops_computed": computed / s / 1e9}
-        return run
 
-    V_FULL, V_LORA, V_RANDOM = (f"{bench.label('full')}, sorted", f"{bench.label('lora')}, sorted", f"{bench.label('lora')}, random")
-    variants = {"matmul": matmul, V_FULL: training("full", "sorted"), V_LORA: training("lora", "sorted"),
-                V_RANDOM: training("lora", "random")}
+def training_variant(bench: common.Bench, flops: FlopModel, name: str, default: batching.Plan) -> Callable[..., dict[str, float]]:
+    """(b), (c): one real run of method `name` on `default` (or a warm-up plan); one that did not train exactly the
+    plan's steps and tokens would make the FLOP count wrong: an error, not a figure."""
+    def run(plan: batching.Plan | None = None) -> dict[str, float]:
+        plan = plan or default
+        result = common.run_harness(bench, bench.method(name), plan)
+        expected = batching.token_counts(plan.batches, bench.lengths)
+        if result.steps != len(plan.steps) or result.real_tokens != expected["real_tokens"]:
+            raise RuntimeError(f"{name}: the harness ran {result.steps} steps / {result.real_tokens} real tokens, not the plan's "
+                               f"({result.divergence or 'tokens differ'})")
+        useful, computed = flops.plan(plan, bench.lengths)
+        s = result.seconds
+        return {**common.rates(result), "computed_tok_per_s": result.computed_tokens / s,
+                "gflops_useful": useful / s / 1e9, "gflops_computed": computed / s / 1e9}
+    return run
 
-    start = time.perf_counter()
-    matmul()
+
+def show(r: dict[str, float]) -> str:
+    """One run's line as it finishes."""
+    if "gflops_ffn" in r:
+        return f"{r['gflops']:7.1f} GFLOP/s ({common.MATMUL_N}^3), {r['gflops_ffn']:7.1f} GFLOP/s (FFN shape)"
+    return f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s  {r['gflops_useful']:6.1f} useful GFLOP/s"
+
+
+def measure(bench: common.Bench, rows: Rows, plans: dict[str, batching.Plan], flops: dict[str, FlopModel], dtype: torch.dtype,
+            ffn: tuple[int, int, int], repeats: int, start: float) -> dict[str, list[dict[str, float]]]:
+    """Every variant warmed up on a short plan of its own batching, then the matmul and the three runs interleaved."""
+    matmul = matmul_variant(bench.device, dtype, ffn)
+    variants = {"matmul": matmul, **{v: training_variant(bench, flops[name], name, plans[g]) for v, name, g in rows}}
     warm = {g: bench.schedule(g, steps=common.WARMUP_STEPS) for g in plans}
-    for variant, plan_name in ((V_FULL, "sorted"), (V_LORA, "sorted"), (V_RANDOM, "random")):
-        variants[variant](warm[plan_name])
-    print(f"\nwarm-up done ({common.elapsed(start)}); timed runs:", flush=True)
+    warm_ups = [matmul, *(lambda v=v, g=g: variants[v](warm[g]) for v, _, g in rows)]
+    return common.warm_then_time(warm_ups, variants, repeats, show, start, lead="\n")
 
-    def show(r: dict[str, float]) -> str:
-        if "gflops_ffn" in r:
-            return f"{r['gflops']:7.1f} GFLOP/s ({common.MATMUL_N}^3), {r['gflops_ffn']:7.1f} GFLOP/s (FFN shape)"
-        return f"{r['s_per_step']:.4f} s/step  {r['tok_per_s']:8.0f} real tok/s  {r['gflops_useful']:6.1f} useful GFLOP/s"
 
-    runs = timing.interleaved(variants, args.repeats, show)
-    med = lambda name, key: statistics.median(r[key] for r in runs[name])  # noqa: E731
+def of_peak(runs: dict[str, list[dict[str, float]]], variant: str, key: str) -> list[float]:
+    """A variant's GFLOP/s per repeat as a fraction of that repeat's matmul rate."""
+    return [r[key] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
 
-    print(f"\nresults ({args.steps} steps of {bench.train.batch_size} per run, medians over {args.repeats} repeats; "
-          f"wall time {common.elapsed(start)}):")
-    mm = [r["gflops"] for r in runs["matmul"]]
-    print(f"(a) dense {dtype_name} matmul {common.MATMUL_N}x{common.MATMUL_N}x{common.MATMUL_N}, {bench.threads} threads, GFLOP/s: {timing.spread(mm, '.1f')}")
-    print(f"    FFN-shaped matmul [{ffn_rows} x {hidden}] @ [{hidden} x {inter}] (the median sorted micro-batch's computed tokens), "
+
+def report_matmul(runs: dict, dtype: torch.dtype, threads: int, ffn: tuple[int, int, int]) -> None:
+    """(a): the peak every training figure is read against."""
+    rows, hidden, inter = ffn
+    n = common.MATMUL_N
+    print(f"(a) dense {str(dtype).removeprefix('torch.')} matmul {n}x{n}x{n}, {threads} threads, GFLOP/s: "
+          f"{timing.spread([r['gflops'] for r in runs['matmul']], '.1f')}")
+    print(f"    FFN-shaped matmul [{rows} x {hidden}] @ [{hidden} x {inter}] (the median sorted micro-batch's computed tokens), "
           f"GFLOP/s: {timing.spread([r['gflops_ffn'] for r in runs['matmul']], '.1f')}")
+
+
+def report_training(bench: common.Bench, runs: dict, rows: Rows, tokens: dict[str, dict]) -> None:
+    """(b): the table of the three runs, medians over repeats."""
+    med = lambda name, key: common.median(runs[name], key)  # noqa: E731
     print(f"(b) training, {bench.settings.task.name} on {bench.settings.model.name}; GFLOP/s and '/(a)' per repeat against that repeat's matmul")
     print(f"    {'variant':<30s} {'s/step':>8s} {'real tok/s':>10s} {'comp tok/s':>10s} {'padding':>8s} "
           f"{'useful GF/s':>11s} {'comp GF/s':>10s} {'useful/(a)':>10s} {'comp/(a)':>9s}")
-    rows = ((V_FULL, "full", "sorted"), (V_LORA, "lora", "sorted"), (V_RANDOM, "lora", "random"))
-    for variant, name, plan_name in rows:
-        useful_frac = [r["gflops_useful"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
-        comp_frac = [r["gflops_computed"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
+    for variant, _, plan_name in rows:
+        useful_frac, comp_frac = of_peak(runs, variant, "gflops_useful"), of_peak(runs, variant, "gflops_computed")
         print(f"    {variant:<30s} {med(variant, 's_per_step'):8.4f} {med(variant, 'tok_per_s'):10.0f} {med(variant, 'computed_tok_per_s'):10.0f} "
               f"{100 * tokens[plan_name]['padding_fraction']:7.1f}% {med(variant, 'gflops_useful'):11.2f} {med(variant, 'gflops_computed'):10.2f} "
               f"{100 * statistics.median(useful_frac):9.1f}% {100 * statistics.median(comp_frac):8.1f}%")
+
+
+def report_ratios(bench: common.Bench, runs: dict, rows: Rows, flops: dict[str, FlopModel], default: batching.Plan) -> None:
+    """(b), what it amounts to: the fraction of the peak reached, and LoRA's time against full FT's beside what FLOPs predict."""
+    (v_full, _, _), (v_lora, _, _), _ = rows
     for variant, name, _ in rows[:2]:
-        frac = [r["gflops_useful"] / m["gflops"] for r, m in zip(runs[variant], runs["matmul"])]
-        print(f"    {bench.label(name)} useful GFLOP/s / (a): {timing.spread(frac)}")
+        print(f"    {bench.label(name)} useful GFLOP/s / (a): {timing.spread(of_peak(runs, variant, 'gflops_useful'))}")
     comp_full, comp_lora = flops["full"].plan(default, bench.lengths)[1], flops["lora"].plan(default, bench.lengths)[1]
-    print(f"    LoRA / full FT s/step: {timing.spread(timing.ratios(runs[V_LORA], runs[V_FULL], 's_per_step'))}  "
+    print(f"    LoRA / full FT s/step: {common.ratio(runs, v_lora, v_full, 's_per_step')}  "
           f"(their matmul FLOPs alone would give {comp_lora / comp_full:.3f})")
-    print(f"(c) sorted micro-batches vs random batches, {bench.label('lora')}, same {args.steps} steps and seed: padding "
+
+
+def report_batching(bench: common.Bench, runs: dict, rows: Rows, tokens: dict[str, dict], steps: int) -> None:
+    """(c): what sorted micro-batches buy over random batches, same examples per step."""
+    _, (v_lora, _, _), (v_random, _, _) = rows
+    print(f"(c) sorted micro-batches vs random batches, {bench.label('lora')}, same {steps} steps and seed: padding "
           f"{100 * tokens['sorted']['padding_fraction']:.1f} % sorted, {100 * tokens['random']['padding_fraction']:.1f} % random "
           f"({tokens['sorted']['real_tokens']} vs {tokens['random']['real_tokens']} real tokens per run)")
-    print(f"    sorted / random real tokens/s: {timing.spread(timing.ratios(runs[V_LORA], runs[V_RANDOM], 'tok_per_s'))}")
-    print(f"    random / sorted s/step:        {timing.spread(timing.ratios(runs[V_RANDOM], runs[V_LORA], 's_per_step'))}")
+    print(f"    sorted / random real tokens/s: {common.ratio(runs, v_lora, v_random, 'tok_per_s')}")
+    print(f"    random / sorted s/step:        {common.ratio(runs, v_random, v_lora, 's_per_step')}")
+
+
+def main() -> None:
+    parser = common.argument_parser(__doc__)
+    common.common_arguments(parser, steps=50, repeats=5)
+    args, bench = common.parse(parser, lora_only="throughput.py compares full FT with a LoRA run")
+    common.header("training throughput against dense matmul throughput", bench, args)
+    dtype = torch.bfloat16 if bench.device == "cuda" else torch.float32
+    plans = {"sorted": bench.schedule(), "random": bench.schedule("random")}
+    tokens = {k: batching.token_counts(p.batches, bench.lengths) for k, p in plans.items()}
+    flops, config = flop_models(bench, plans, tokens)
+    ffn_rows = int(statistics.median(batching.padded_tokens(b, bench.lengths) for b in plans["sorted"].batches))
+    ffn = (ffn_rows, config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size))
+    rows = ((f"{bench.label('full')}, sorted", "full", "sorted"), (f"{bench.label('lora')}, sorted", "lora", "sorted"),
+            (f"{bench.label('lora')}, random", "lora", "random"))
+
+    start = time.perf_counter()
+    runs = measure(bench, rows, plans, flops, dtype, ffn, args.repeats, start)
+    print(f"\nresults ({args.steps} steps of {bench.train.batch_size} per run, medians over {args.repeats} repeats; "
+          f"wall time {common.elapsed(start)}):")
+    report_matmul(runs, dtype, bench.threads, ffn)
+    report_training(bench, runs, rows, tokens)
+    report_ratios(bench, runs, rows, flops, plans["sorted"])
+    report_batching(bench, runs, rows, tokens, args.steps)
 
 
 if __name__ == "__main__":

@@ -310,7 +310,7 @@ def default_run(analysis: Analysis, runs_dir: Path) -> tuple[str, str]:
     recommendation = analysis.recommendation
     if recommendation.empty:
         raise UserError(f"no finished LoRA configuration in {runs_dir} to measure")
-    named = recommendation[recommendation["r"].notna()]
+    named = recommendation[recommendation["r"].notna()] if "r" in recommendation else recommendation.iloc[:0]
     config, why = analysis.rank_to_use((named if len(named) else recommendation).iloc[0])
     if "delta" not in config or pd.isna(config["delta"]):
         raise UserError(f"no LoRA configuration in {runs_dir} is paired with a finished full-FT baseline; use --run RUN_ID")
