@@ -1,4 +1,4 @@
-"""The text task family: classification or regression on the user's own data (task=text_classification, text_regression).
+"""The text task family: classification or regression on the user's own data (task=text/classification, text/regression).
 
 Rows come from local files or a hub dataset (lora_sweep.user_files); the settings name the text column, an optional
 second text column for pairs and the label column. Classification labels may be integers or strings: the label set is
@@ -45,10 +45,7 @@ def _rows(task: TaskSettings) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, eval) rows with their columns checked; read once per process for each task and content of its data."""
     key = json.dumps([dataclasses.asdict(task), user_files.data_identity(task)], sort_keys=True)
     if key not in _READ:
-        train, evaluation = user_files.read_splits(task)
-        for rows, split in ((train, "train"), (evaluation, "eval")):
-            user_files.check_columns(rows, _columns(task), user_files.where(task, split))
-        _READ[key] = train, evaluation
+        _READ[key] = user_files.read_splits(task, _columns(task))
     return _READ[key]
 
 
@@ -69,12 +66,25 @@ def _label_set(task: TaskSettings, train: datasets.Dataset) -> list:
 
 
 def _targets(task: TaskSettings, rows: datasets.Dataset, split: str) -> list[float]:
-    values = rows[task.label_column]
-    bad = next((i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, Number) or not math.isfinite(v)), None)
-    if bad is not None:
-        raise UserError(f"{user_files.where(task, split)} row {bad}: {task.label_column!r} is {values[bad]!r}; "
-                        f"a regression target is a finite number")
-    return [float(v) for v in values]
+    """Regression targets as floats (a CSV column holding any word is read as text: its numbers still count)."""
+    targets = []
+    for row, value in zip(rows["id"], rows[task.label_column]):
+        number = _number(value)
+        if number is None:
+            raise UserError(f"{user_files.where(task, split)} data row {row + 1}: {task.label_column!r} is {value!r}; "
+                            f"a regression target is a finite number")
+        targets.append(number)
+    return targets
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (Number, str)):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def labels(task: TaskSettings) -> list | None:

@@ -69,6 +69,8 @@ def read_file(name: str, setting: str) -> datasets.Dataset:
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        if "corresponds to no data" in str(exc):  # datasets' word for a file with a header and no rows
+            raise UserError(f"{path} holds no rows") from None
         cause = exc.__cause__ or exc
         raise UserError(f"{path}: cannot be read as {path.suffix} ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})") from None
     if len(rows) == 0:
@@ -103,23 +105,34 @@ def where(task: TaskSettings, split: str) -> str:
     return str(task.eval_file if split == "eval" else task.train_file)
 
 
-def read_splits(task: TaskSettings) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, eval) rows with an `id` column (the row in its source): the eval file or split where one is named,
-    else the first task.heldout_examples of a permutation of train seeded by task.split_seed."""
+def read_splits(task: TaskSettings, columns: dict[str, str | None] | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval) rows with an `id` column (the row in its source, replacing any `id` column of the data), after
+    checking the named `columns` (setting -> column) exist in both: the eval file or split where one is named, else
+    the first task.heldout_examples of a permutation of train seeded by task.split_seed."""
     if task.hub_dataset:
         train = read_hub(task, task.train_split)
         evaluation = read_hub(task, task.eval_split) if task.eval_split else None
     else:
         train = read_file(task.train_file, "task.train_file")
         evaluation = read_file(task.eval_file, "task.eval_file") if task.eval_file else None
-    train = train.add_column("id", list(range(len(train))))
+    for rows, split in ((train, "train"), (evaluation, "eval")):
+        if rows is not None:
+            check_columns(rows, columns or {}, where(task, split))
+    train = _numbered(train)
     if evaluation is not None:
-        return train, evaluation.add_column("id", list(range(len(evaluation))))
+        return train, _numbered(evaluation)
     if len(train) <= task.heldout_examples:
         raise UserError(f"task.heldout_examples={task.heldout_examples} (the eval split carved from {where(task, 'train')}, "
                         f"which has no eval file) leaves no training examples of {len(train)}; use fewer, or name task.eval_file")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(task.split_seed)).tolist()
     return train.select(sorted(order[task.heldout_examples:])), train.select(sorted(order[:task.heldout_examples]))
+
+
+def _numbered(rows: datasets.Dataset) -> datasets.Dataset:
+    """`rows` with `id` = the row's position: what pairs two runs' outputs example by example."""
+    if "id" in rows.column_names:
+        rows = rows.remove_columns("id")
+    return rows.add_column("id", list(range(len(rows))))
 
 
 def data_identity(task: TaskSettings) -> dict:
