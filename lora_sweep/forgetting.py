@@ -1,7 +1,7 @@
 """Forgetting: what fine-tuning did to what the base model could already do, on data the run never trained on.
 
 Measured before training (on the base weights) and after it, with the same probe; positive forgetting = worse after.
-- Encoder (GLUE family): zero-shot STS-B Spearman correlation (in points) between the cosine similarity of
+- Encoder (GLUE and text families): zero-shot STS-B Spearman correlation (in points) between the cosine similarity of
   mean-pooled last-layer embeddings and the gold scores: a sentence encoder's own job. forgetting = before − after.
   (With task=glue/stsb the probe is the task's own dev data: it then measures a change, not forgetting.)
 - Decoder (instruction family): per-token cross-entropy (nats) on held-out general text. forgetting = after − before.
@@ -111,7 +111,7 @@ class Probe:
         self.settings, self.device = settings, device
         self.n = settings.train.forgetting_examples
         self.path = _probe_file(settings) if self.n else None
-        self.encoder = settings.task.family == "glue"
+        self.encoder = settings.task.family != "instruct"  # a classifier or regressor (GLUE, your own text task)
         self.kind = "stsb_zero_shot_spearman" if self.encoder else "heldout_cross_entropy"
         self.key = json.dumps([weights, self.kind, self.n, self.path and file_digest(self.path), settings.train.max_seq_len, device],
                               sort_keys=True, default=str)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -461,11 +462,19 @@ def run_flag_free(folder) -> bool:
     return not flags["flags"].fillna("").str.contains("chance level").any()
 
 
-def test_empty_or_missing_folder_gives_one_clear_error(tmp_path):
+@pytest.mark.parametrize("own_process", [pytest.param(True, marks=pytest.mark.slow, id="process"),
+                                         pytest.param(False, id="in-process")])
+def test_empty_or_missing_folder_gives_one_clear_error(tmp_path, capsys, own_process):
+    """`python -m lora_sweep.reporting` in a process of its own, and lora-analyze's entry point in this process."""
     with pytest.raises(UserError, match="no results folder"):
         load_records(tmp_path / "nowhere")
     (tmp_path / "runs").mkdir()
-    result = subprocess.run([sys.executable, "-m", "lora_sweep.reporting", str(tmp_path)], capture_output=True, text=True)
+    if own_process:
+        result = subprocess.run([sys.executable, "-m", "lora_sweep.reporting", str(tmp_path)], capture_output=True, text=True)
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            reporting.main([str(tmp_path)])
+        result = SimpleNamespace(returncode=exit_info.value.code, stderr=capsys.readouterr().err)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: no readable run records in {tmp_path / 'runs'}"]
 
@@ -560,3 +569,17 @@ def test_batching_comparison_pairs_each_batching_with_random_batches(tmp_path, t
     assert compared["paired_seeds"].dropna().tolist() == [3, 3]
     reporting.write(tmp_path)
     assert "## Batching: does the way batches are drawn move the result?" in (tmp_path.parent / "report.md").read_text()
+
+
+def test_a_folder_where_every_run_failed_is_analysed_and_reported(tmp_path, templates):
+    """Nothing finished: no configuration, no rank, no recommendation, and the report still lists every run."""
+    lora_t, full_t = templates
+    for seed in (0, 1):
+        records.write_record(tmp_path, variant(full_t, seed, status="failed", error="RuntimeError: boom"))
+        records.write_record(tmp_path, variant(lora_t, seed, status="failed", error="RuntimeError: boom"))
+    from lora_sweep.analysis import analyse as analyse_runs
+
+    result = analyse_runs(*load_records(tmp_path))
+    assert len(result.runs) == 4 and result.agg.empty and result.ranks.empty and result.recommendation.empty
+    text = reporting.write(tmp_path).read_text()
+    assert "No LoRA configuration finished." in text and text.count("RuntimeError: boom") == 4
