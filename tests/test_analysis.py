@@ -583,3 +583,19 @@ def test_a_folder_where_every_run_failed_is_analysed_and_reported(tmp_path, temp
     assert len(result.runs) == 4 and result.agg.empty and result.ranks.empty and result.recommendation.empty
     text = reporting.write(tmp_path).read_text()
     assert "No LoRA configuration finished." in text and text.count("RuntimeError: boom") == 4
+
+
+def test_a_lora_run_whose_baseline_read_other_data_is_flagged_not_paired(tmp_path, templates):
+    """The data file changed between a LoRA run and its baseline: their contexts differ, the report says why."""
+    lora_t, full_t = templates
+    lora = variant(lora_t, 0, 0.80)
+    other = variant(full_t, 0, 0.82)
+    other["identity"]["config"]["task"]["data"] = {"files": {"train:tickets.csv": "0" * 16}}
+    other.update(run_id=identity.run_id(other["identity"]), context_id=identity.context_id(other["identity"]))
+    lora["baseline_run_id"] = other["run_id"]
+    for record in (lora, other):
+        records.write_record(tmp_path, record)
+    flags = tables.run_flags(load_records(tmp_path)[0])
+    flagged = flags.set_index("run_id")["flags"]
+    assert f"its full-FT baseline {other['run_id']} read other data" in flagged[lora["run_id"]]
+    assert "read other data" not in flagged.get(other["run_id"], "")

@@ -235,10 +235,16 @@ def chance_level(metric: str, labels) -> float | None:
 
 def run_flags(df: pd.DataFrame) -> pd.DataFrame:
     """`done` runs that should not be trusted as they are: training loss ending above where it started, or an eval
-    metric at the level of a constant predictor; and runs whose loss was still falling at the end of the budget."""
+    metric at the level of a constant predictor; runs whose loss was still falling at the end of the budget; and LoRA
+    runs whose own baseline read other data (a file changed between them): they are not paired."""
     rows = []
+    contexts = df.set_index("run_id")["context_id"]
     for _, run in df[df["status"] == "done"].iterrows():
         notes = []
+        baseline = run["baseline_run_id"]
+        if isinstance(baseline, str) and baseline in contexts and contexts[baseline] != run["context_id"]:
+            notes.append(f"its full-FT baseline {baseline} read other data (a data file changed between the two runs): "
+                         f"not paired with it")
         if pd.notna(run["final_loss"]) and pd.notna(run["initial_loss"]) and run["final_loss"] > run["initial_loss"]:
             notes.append(f"final training loss {run['final_loss']:.3g} above the initial {run['initial_loss']:.3g}")
         chance = chance_level(run["primary_metric"], (run["examples"] or {}).get("labels")) if isinstance(run["examples"], dict) else None
