@@ -2,10 +2,12 @@
 
 Target presets are named per architecture family and resolved to the model's own module names,
 so a preset means the same matrices on BERT, DeBERTa or a Llama-style decoder, and the record
-can say exactly which matrices were adapted. LoRA is not limited to linear layers: the `embeddings`
-preset adapts the word embeddings (PEFT's embedding LoRA), and convolutions named by the user get
-PEFT's Conv1d/Conv2d LoRA. Per unit of rank an adapter adds (d + k) parameters to a d x k linear
-layer, (vocab + hidden) to an embedding and (c_in * kernel + c_out) to a convolution (`width`).
+can say exactly which matrices were adapted; a model type without presets is adapted at the modules
+the user names (method.targets=[...]), its task head found by the usual names. LoRA is not limited
+to linear layers: the `embeddings` preset adapts the word embeddings (PEFT's embedding LoRA), and
+convolutions named by the user get PEFT's Conv1d/Conv2d LoRA. Per unit of rank an adapter adds
+(d + k) parameters to a d x k linear layer, (vocab + hidden) to an embedding and (c_in * kernel + c_out)
+to a convolution (`width`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ from lora_sweep.settings import CONF_DIR, MethodSettings
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not ours to fix
 
+OTHER = "other"  # the family of every model type not in FAMILY_OF_MODEL_TYPE
 # Module-name patterns (suffix after a '.', or a regex matched against the whole name) per family.
+# Fused matrices (ModernBERT's attn.Wqkv and mlp.Wi, Phi-3's qkv_proj and gate_up_proj): LoRA adapts a fused matrix only
+# as a whole, one A and one B over the concatenated outputs, so there is no adapter on q and v alone and `qv` is not
+# defined there (the error says why and points to qkvo). `qkvo` and `mlp` adapt the same weights as on unfused models;
+# a fused d x 3k matrix gets (d + 3k)·r parameters where three separate ones get 3(d + k)·r.
 PRESETS: dict[str, dict[str, list[str]]] = {
     "bert": {
         "qv": ["attention.self.query", "attention.self.value"],
@@ -41,24 +48,55 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "mlp": ["intermediate.dense", r".*\.layer\.\d+\.output\.dense"],
         "embeddings": ["embeddings.word_embeddings"],
     },
+    "distilbert": {
+        "qv": ["attention.q_lin", "attention.v_lin"],
+        "qkvo": ["attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"],
+        "mlp": ["ffn.lin1", "ffn.lin2"],
+        "embeddings": ["embeddings.word_embeddings"],
+    },
+    "modernbert": {  # attn.Wqkv: q, k, v fused; mlp.Wi: the GLU's input and gate fused
+        "qkvo": ["attn.Wqkv", "attn.Wo"],
+        "mlp": ["mlp.Wi", "mlp.Wo"],
+        "embeddings": ["embeddings.tok_embeddings"],
+    },
     "llama": {
         "qv": ["q_proj", "v_proj"],
         "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "mlp": ["gate_proj", "up_proj", "down_proj"],
         "embeddings": ["embed_tokens"],
     },
+    "phi3": {  # qkv_proj: q, k, v fused; gate_up_proj: gate and up fused
+        "qkvo": ["self_attn.qkv_proj", "self_attn.o_proj"],
+        "mlp": ["mlp.gate_up_proj", "mlp.down_proj"],
+        "embeddings": ["embed_tokens"],
+    },
+    "phi": {  # Phi-1/2: separate q, k, v; the attention output is `dense`, the MLP fc1 and fc2
+        "qv": ["self_attn.q_proj", "self_attn.v_proj"],
+        "qkvo": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"],
+        "mlp": ["mlp.fc1", "mlp.fc2"],
+        "embeddings": ["embed_tokens"],
+    },
     "conv": {},  # convolutional networks: no presets, the user names the modules to adapt
+    OTHER: {},  # any other model type: no presets (not even all_linear), the user names the modules to adapt
 }
+FUSED = {"modernbert": "its attention fuses q, k and v into one matrix, attn.Wqkv, which LoRA adapts only as a whole",
+         "phi3": "its attention fuses q, k and v into one matrix, self_attn.qkv_proj, which LoRA adapts only as a whole"}
 FAMILY_OF_MODEL_TYPE = {
     "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
-    "deberta-v2": "deberta",
+    "deberta-v2": "deberta", "distilbert": "distilbert", "modernbert": "modernbert",
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "gemma2": "llama",
+    "gemma3_text": "llama", "phi3": "phi3", "phi": "phi",
     "resnet": "conv",
 }
+DECODER_FAMILIES = ("llama", "phi3", "phi")  # decoder-only causal LMs: what instruction tasks fine-tune
 # Modules trained in both methods as the task head (kept out of the adapter and out of `all_linear`). The pooler's
 # linear layer rather than the whole pooler: PEFT routes a mixed batch (`adapter_names=`) through Linear heads only.
-HEADS: dict[str, list[str]] = {"bert": ["pooler.dense", "classifier"], "deberta": ["pooler.dense", "classifier"], "llama": [],
-                               "conv": ["classifier"]}
+# A decoder's sequence-classification head is `score`; its LM head is never adapted (NEVER_ADAPTED) nor trained.
+# Other model types: the usual head names, where the model has them.
+HEADS: dict[str, list[str]] = {"bert": ["pooler.dense", "classifier"], "deberta": ["pooler.dense", "classifier"],
+                               "distilbert": ["pre_classifier", "classifier"], "modernbert": ["head.dense", "classifier"],
+                               "llama": ["score"], "phi3": ["score"], "phi": ["score"],
+                               "conv": ["classifier"], OTHER: ["pooler.dense", "classifier", "score"]}
 ADAPTABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)  # the layer types PEFT's LoRA adapts here
 NEVER_ADAPTED = ("lm_head",)
 
@@ -72,11 +110,19 @@ class ParamCounts:
 
 
 def architecture_of(model: nn.Module) -> str:
-    """The model's architecture family (a key of PRESETS): which names its target presets and its task head have."""
-    model_type = model.config.model_type
-    if model_type not in FAMILY_OF_MODEL_TYPE:
-        raise UserError(f"model type {model_type!r} has no target presets; supported: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}")
-    return FAMILY_OF_MODEL_TYPE[model_type]
+    """The model's architecture family (a key of PRESETS): which names its target presets and its task head have;
+    OTHER for a model type without presets, which LoRA adapts at the modules the user names."""
+    return FAMILY_OF_MODEL_TYPE.get(model.config.model_type, OTHER)
+
+
+def is_causal_decoder(model_type: str) -> bool:
+    """Whether a model type is a decoder-only causal LM: a decoder family here, or for another type one that
+    transformers loads as a causal LM and not as a masked LM (which rules out encoders and encoder-decoders)."""
+    if model_type in FAMILY_OF_MODEL_TYPE:
+        return FAMILY_OF_MODEL_TYPE[model_type] in DECODER_FAMILIES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -109,22 +155,33 @@ def width(module: nn.Module) -> int:
     return sum(shape(module))
 
 
+def _kinds(names) -> list[str]:
+    """Module names with their layer numbers folded: model.layers.N.self_attn.q_proj."""
+    return sorted({re.sub(r"\.\d+\.", ".N.", name) for name in names})
+
+
 def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     """Full names of the modules a preset or explicit list selects; a clear error if it selects none."""
     family = architecture_of(model)
     candidates = adaptable_modules(model, family)
+    model_type = model.config.model_type
+    if family == OTHER and isinstance(targets, str):
+        linear = _kinds(name for name, module in candidates.items() if isinstance(module, nn.Linear)) or ["none"]
+        raise UserError(f"method.targets={targets!r}: model type {model_type!r} has no target presets; pass the modules to "
+                        f"adapt as method.targets=[...] (names or name suffixes); its linear modules outside the task head "
+                        f"are: {', '.join(linear)}")
     if targets == "all_linear":
         chosen = [name for name, module in candidates.items() if isinstance(module, nn.Linear)]
     elif isinstance(targets, str) and targets not in PRESETS[family]:
-        raise UserError(f"method.targets={targets!r} is not defined for {model.config.model_type} models; "
+        why = f" ({FUSED[family]})" if family in FUSED else ""
+        raise UserError(f"method.targets={targets!r} is not defined for {model_type} models{why}; "
                         f"use {', '.join([*PRESETS[family], 'all_linear'])} or a list of module names")
     else:
         patterns = PRESETS[family][targets] if isinstance(targets, str) else list(targets)
         chosen = [name for name in candidates if any(_matches(name, p) for p in patterns)]
     if not chosen:
-        kinds = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in candidates})
         raise UserError(f"method.targets={targets!r} matches no adaptable module of this model; its linear, embedding and "
-                        f"convolution modules are: {', '.join(kinds)}")
+                        f"convolution modules are: {', '.join(_kinds(candidates))}")
     return chosen
 
 
@@ -226,6 +283,8 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tu
         return model, []
     plan = resolve_lora(model, method)
     m, patterned = plan.method, plan.method.rank_pattern or {}
+    names = [name for name, _ in model.named_modules()]
+    heads = [head for head in HEADS[architecture_of(model)] if any(_matches(name, head) for name in names)]
     config = LoraConfig(
         task_type=task_type,
         r=m.r,
@@ -235,7 +294,7 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tu
         use_rslora=m.use_rslora,
         use_dora=m.use_dora,
         init_lora_weights=_init_value(m.init),
-        modules_to_save=HEADS[architecture_of(model)] or None,
+        modules_to_save=heads or None,  # the family's head modules this model has (none on a causal LM)
         # full names, anchored by PEFT's matcher
         rank_pattern={re.escape(name): rank for name, rank in patterned.items()},
         alpha_pattern={re.escape(name): alpha for name, alpha in plan.alphas().items() if name in patterned},

@@ -34,7 +34,7 @@ NOT_RESULT = {
     "task": ("data_dir", "source", "train_file", "eval_file", "hub_revision"),
 }
 INSTRUCT_ONLY = ("heldout_examples", "split_seed", "template", "generate_examples", "max_new_tokens", "generate_time_limit_s")
-OWN_DATA = ("hub_dataset", "hub_config", "train_split", "eval_split")  # which data: for the families that read the user's
+HUB_SPLITS = ("hub_dataset", "hub_config", "train_split", "eval_split")  # which hub data: for the user's own, from the hub
 TEXT_ONLY = ("text_column", "text_pair_column", "label_column", "problem", "metric")  # family text
 INSTRUCT_FILES = ("prompt_column", "input_column", "response_column", "messages_column")  # instruct's own files (name files)
 GENERATION = ("max_new_tokens", "generate_time_limit_s")  # meaningless without generate_examples
@@ -76,7 +76,7 @@ def method_identity(method: MethodSettings, targets: list[str] | None = None,
 
 def task_identity(task: TaskSettings, data: dict[str, Any]) -> dict[str, Any]:
     own = task.family == "text" or (task.family == "instruct" and task.name == "files")
-    ignored = {*NOT_RESULT["task"], *(() if own else OWN_DATA), *(() if task.family == "text" else TEXT_ONLY),
+    ignored = {*NOT_RESULT["task"], *(() if own and task.hub_dataset else HUB_SPLITS), *(() if task.family == "text" else TEXT_ONLY),
                *(() if task.family == "instruct" and own else INSTRUCT_FILES),
                *(() if task.family == "instruct" else INSTRUCT_ONLY), *(() if task.generate_examples else GENERATION)}
     if task.family == "text":  # a text task carves its eval split from train as instruct does, unless given one

@@ -4,10 +4,17 @@ Same module interface as lora_sweep.glue (TASK_TYPE, resolve_source, load_model,
 collator, batch_outputs, split_metrics, extra_metrics). Examples are {instruction, input, output}; the
 held-out (reported) split is a seeded permutation, the tuning split is carved from the rest; the prompt's
 tokens get label -100 so only the response is learned and scored.
+
+Task `files` reads your own data (lora_sweep.user_files: local CSV, TSV, JSON, JSON lines or Parquet files, or a hub
+dataset) in either layout: prompt and response columns (task.prompt_column, task.response_column, an optional
+task.input_column), or chat rows (task.messages_column: a list of {role, content} objects), whose last assistant turn
+is the response and whose turns before it are the prompt, rendered with the tokenizer's chat template. Its rows are
+read and checked when the run's identity is taken, so bad data is refused before anything trains or is recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,8 +27,8 @@ import numpy as np
 import torch
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, DataCollatorForSeq2Seq
 
-from lora_sweep import data
-from lora_sweep.adapters import FAMILY_OF_MODEL_TYPE
+from lora_sweep import data, user_files
+from lora_sweep.adapters import is_causal_decoder
 from lora_sweep.errors import UserError
 from lora_sweep.hub import hub_commit, load_pretrained, require_hub
 from lora_sweep.identity import file_digest
@@ -56,9 +63,12 @@ TASKS = {
 }
 
 
+FILES = "files"  # the task name of your own data (task=instruct/files)
+
+
 def task_spec(name: str) -> InstructTask:
     if name not in TASKS:
-        raise UserError(f"instruction task {name!r} is unknown; use one of {', '.join(TASKS)}")
+        raise UserError(f"instruction task {name!r} is unknown; use one of {', '.join(TASKS)}, or {FILES} for your own data")
     return TASKS[name]
 
 
@@ -68,7 +78,12 @@ def data_dir(task: TaskSettings) -> Path:
 
 def resolve_source(task: TaskSettings) -> str:
     """'local' or 'hub', deciding `auto` by whether the local file exists; a folder the user named (task.data_dir)
-    must hold the task: it is never passed over for the hub."""
+    must hold the task: it is never passed over for the hub. Your own data: the hub when task.hub_dataset names it."""
+    if task.name == FILES:
+        if task.messages_column and task.template != "chat":
+            raise UserError(f"task.messages_column={task.messages_column} holds chat rows, which are rendered with the "
+                            f"tokenizer's chat template; set task.template=chat (task.template={task.template})")
+        return "hub" if task.hub_dataset else "local"
     spec = task_spec(task.name)
     local = spec.local_file is not None and (data_dir(task) / spec.local_file).is_file()
     if task.source == "local" and spec.local_file is None:
@@ -89,7 +104,7 @@ def resolve_source(task: TaskSettings) -> str:
 
 def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(path, revision=settings.model.revision)
-    if FAMILY_OF_MODEL_TYPE.get(config.model_type) != "llama":
+    if not is_causal_decoder(config.model_type):
         raise UserError(f"model {settings.model.name} ({config.model_type}) is not a causal decoder; instruction tasks "
                         f"need one such as model=smollm2_135m")
     return load_pretrained(MODEL_FOR_CAUSAL_LM_MAPPING, path, config, settings.model.revision, meta)
@@ -100,7 +115,11 @@ def _require_hub(spec: InstructTask) -> None:
 
 
 def data_identity(task: TaskSettings, source: str) -> dict:
-    """What data a run reads: the local file by content hash, or the hub dataset at its commit."""
+    """What data a run reads: the local file by content hash, or the hub dataset at its commit. Your own data is read
+    and checked here (lora_sweep.user_files), so a bad file is refused before a run starts."""
+    if task.name == FILES:
+        _own_examples(task)
+        return user_files.data_identity(task)
     spec = task_spec(task.name)
     if source == "hub":
         _require_hub(spec)
@@ -155,9 +174,79 @@ def _load_hub(spec: InstructTask) -> list[dict[str, str]]:
     return [{"instruction": r[instruction], "input": r.get(context) or "", "output": r[output]} for r in raw]
 
 
+def _own_columns(task: TaskSettings) -> dict[str, str | None]:
+    if task.messages_column:
+        return {"task.messages_column": task.messages_column}
+    return {"task.prompt_column": task.prompt_column, "task.input_column": task.input_column,
+            "task.response_column": task.response_column}
+
+
+def _text(value, where: str, row: int, column: str, setting: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where} data row {row + 1}: {column!r} ({setting}) is {_shown(value)}; {what} is text")
+    return value
+
+
+def _shown(value) -> str:
+    """A value as an error line shows it: its repr, cut short, and its type."""
+    text = repr(value)
+    return f"{text[:80]}{'...' if len(text) > 80 else ''} ({type(value).__name__})"
+
+
+def _chat_example(turns, where: str, row: int, column: str) -> dict:
+    """A chat row as an example: the turns before the last assistant turn (the prompt) and that turn's content."""
+    def refuse(problem: str) -> UserError:
+        return UserError(f"{where} data row {row + 1}: {column!r} (task.messages_column) {problem}; a chat row is a list of "
+                         f"{{role, content}} objects with text values")
+
+    if not isinstance(turns, list) or not turns:
+        raise refuse(f"is {_shown(turns)}")
+    for n, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            raise refuse(f"turn {n} is {_shown(turn)}")
+    last = max((n for n, turn in enumerate(turns) if turn["role"] == "assistant"), default=None)
+    if last is None:
+        raise UserError(f"{where} data row {row + 1}: {column!r} (task.messages_column) has no assistant turn (its roles: "
+                        f"{', '.join(turn['role'] for turn in turns)}); the last assistant turn is the response the loss is on")
+    return {"messages": [{"role": turn["role"], "content": turn["content"]} for turn in turns[:last]],
+            "output": turns[last]["content"]}
+
+
+def _own_split(task: TaskSettings, rows: datasets.Dataset, split: str) -> datasets.Dataset:
+    """One split of your own data as examples with their `id` (the row in its source): {instruction, input, output}
+    from prompt and response columns, or {messages, output} from chat rows."""
+    named = task.eval_split if task.hub_dataset else task.eval_file
+    where = user_files.where(task, split if named else "train")  # a held-out split carved from train is in the train file
+    ids = list(rows["id"])
+    if task.messages_column:
+        examples = [_chat_example(turns, where, row, task.messages_column) for row, turns in zip(ids, rows[task.messages_column])]
+    else:
+        inputs = rows[task.input_column] if task.input_column else [None] * len(rows)
+        examples = [{"instruction": _text(prompt, where, row, task.prompt_column, "task.prompt_column", "a prompt"),
+                     "input": "" if extra is None else _text(extra, where, row, task.input_column, "task.input_column", "an input"),
+                     "output": _text(response, where, row, task.response_column, "task.response_column", "a response")}
+                    for row, prompt, extra, response in zip(ids, rows[task.prompt_column], inputs, rows[task.response_column])]
+    return datasets.Dataset.from_list(examples).add_column("id", ids)
+
+
+_READ: dict[str, tuple[datasets.Dataset, datasets.Dataset]] = {}  # your own data's examples read in this process
+
+
+def _own_examples(task: TaskSettings) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval) examples of your own data, checked; read once per process for each task and content of its data."""
+    key = json.dumps([dataclasses.asdict(task), user_files.data_identity(task)], sort_keys=True)
+    if key not in _READ:
+        train, evaluation = user_files.read_splits(task, _own_columns(task))
+        _READ[key] = _own_split(task, train, "train"), _own_split(task, evaluation, "eval")
+    return _READ[key]
+
+
 def load_splits(task: TaskSettings, seed: int, source: str) -> datasets.DatasetDict:
     """Train, tune and held-out examples (see data.split): the held-out split is the first `heldout_examples` of a
-    permutation seeded by task.split_seed; ids are positions in the source file."""
+    permutation seeded by task.split_seed (your own data: an eval file or split where one is named, see
+    user_files.read_splits); ids are positions in the source file."""
+    if task.name == FILES:
+        return data.split(*_own_examples(task), task, seed)
     spec = task_spec(task.name)
     examples = read_local(task.name, data_dir(task) / spec.local_file) if source == "local" else _load_hub(spec)
     if len(examples) <= task.heldout_examples:
@@ -167,7 +256,9 @@ def load_splits(task: TaskSettings, seed: int, source: str) -> datasets.DatasetD
     return data.split(rows.select(sorted(order[task.heldout_examples:])), rows.select(order[:task.heldout_examples]), task, seed)
 
 
-def prompt_text(example: dict[str, str], template: str, tokenizer) -> str:
+def prompt_text(example: dict, template: str, tokenizer) -> str:
+    if example.get("messages") is not None:  # a chat row of your own data (task.template=chat): its turns before the response
+        return tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
     if template == "chat":
         content = example["instruction"] + (f"\n\n{example['input']}" if example["input"] else "")
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
@@ -189,6 +280,9 @@ def encode(example: dict[str, str], tokenizer, template: str, max_len: int) -> d
 
 
 def check_template_room(tokenizer, template: str, max_len: int) -> None:
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UserError("task.template=chat needs a tokenizer with a chat template, and this model's has none; "
+                        "use task.template=alpaca (chat rows, task.messages_column, need a chat model)")
     empty = prompt_text({"instruction": "", "input": "", "output": ""}, template, tokenizer)
     fixed = len(tokenizer(empty, add_special_tokens=template != "chat")["input_ids"])
     if fixed >= max_len - 1:

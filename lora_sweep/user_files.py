@@ -62,6 +62,8 @@ def read_file(name: str, setting: str) -> datasets.Dataset:
     if not path.is_file():
         raise UserError(f"{setting}={name}: no such file")
     builder, options = _format(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} holds no rows")
     try:
         if builder == "json":
             _check_json(path)
@@ -100,9 +102,11 @@ def check_columns(rows: datasets.Dataset, columns: dict[str, str | None], where:
 
 def where(task: TaskSettings, split: str) -> str:
     """The file or hub split an error names."""
+    carved = split == "eval" and not (task.eval_split if task.hub_dataset else task.eval_file)
     if task.hub_dataset:
-        return f"task.hub_dataset={task.hub_dataset} split {task.eval_split if split == 'eval' else task.train_split}"
-    return str(task.eval_file if split == "eval" else task.train_file)
+        return (f"task.hub_dataset={task.hub_dataset} split {task.eval_split if split == 'eval' and not carved else task.train_split}"
+                + (" (its carved eval rows)" if carved else ""))
+    return f"{task.train_file} (its carved eval rows)" if carved else str(task.eval_file if split == "eval" else task.train_file)
 
 
 def read_splits(task: TaskSettings, columns: dict[str, str | None] | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -136,8 +140,8 @@ def _numbered(rows: datasets.Dataset) -> datasets.Dataset:
 
 
 def data_identity(task: TaskSettings) -> dict:
-    """What data a run reads: each file by content hash (named by its file name, never its folder), or the hub
-    dataset at the commit its revision resolves to."""
+    """What data a run reads: each file by content hash (by its role, train or eval: a renamed copy is the same data),
+    or the hub dataset at the commit its revision resolves to."""
     if task.hub_dataset:
         require_hub(f"task.hub_dataset={task.hub_dataset}", "local files via task.train_file")
         try:
@@ -150,4 +154,4 @@ def data_identity(task: TaskSettings) -> dict:
     for setting, name in files.items():
         if not Path(name).expanduser().is_file():
             raise UserError(f"task.{setting}_file={name}: no such file")
-    return {"files": {f"{split}:{Path(name).name}": file_digest(Path(name).expanduser()) for split, name in files.items()}}
+    return {"files": {split: file_digest(Path(name).expanduser()) for split, name in files.items()}}

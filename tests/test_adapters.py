@@ -140,10 +140,10 @@ def test_one_resolution_of_what_a_lora_run_trains_is_idempotent_and_matches_the_
     assert plan.alphas()["bert.encoder.layer.0.attention.self.query"] == 1.5 * plan.method.effective_alpha
 
 
-def test_glue_and_instruct_implement_the_task_family_contract():
-    from lora_sweep import glue, instruct
+def test_every_task_family_implements_the_contract():
+    from lora_sweep import glue, instruct, text
     from lora_sweep.task_family import FAMILIES, TaskFamily
 
-    assert FAMILIES == {"glue": glue, "instruct": instruct}
+    assert FAMILIES == {"glue": glue, "instruct": instruct, "text": text}
     assert all(isinstance(family, TaskFamily) for family in FAMILIES.values())
     assert not isinstance(adapters, TaskFamily)  # a module lacking the contract's names does not pass

@@ -590,7 +590,7 @@ def test_a_lora_run_whose_baseline_read_other_data_is_flagged_not_paired(tmp_pat
     lora_t, full_t = templates
     lora = variant(lora_t, 0, 0.80)
     other = variant(full_t, 0, 0.82)
-    other["identity"]["config"]["task"]["data"] = {"files": {"train:tickets.csv": "0" * 16}}
+    other["identity"]["config"]["task"]["data"] = {"files": {"train": "0" * 16}}
     other.update(run_id=identity.run_id(other["identity"]), context_id=identity.context_id(other["identity"]))
     lora["baseline_run_id"] = other["run_id"]
     for record in (lora, other):

@@ -30,6 +30,8 @@ GENERATING = (*INSTRUCT, "task.generate_examples=2")
 FULL = ("method=full",)
 RATIO = ("method.alpha_policy=ratio",)
 NO_STEPS = ("train.max_steps=-1",)
+TEXT = ("task=text/classification", "task.train_file={own}", "task.heldout_examples=10", "task.tune_examples=10")
+SCORE = (*TEXT, "task.label_column=score")
 
 # section -> field -> [(base overrides, changed overrides, expectation)]; "{bert}" etc. are folders made below.
 TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] = {
@@ -59,6 +61,24 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         "generate_time_limit_s": [((), ("task.generate_time_limit_s=5",), SAME),
                                   (INSTRUCT, (*INSTRUCT, "task.generate_time_limit_s=5"), SAME),
                                   (GENERATING, (*GENERATING, "task.generate_time_limit_s=5"), DIFFERS)],
+        # your own data: read by the text family (and instruct's files), ignored by GLUE's presets; a file by content
+        "train_file": [((), ("task.train_file={own}",), SAME), (TEXT, (*TEXT[:1], "task.train_file={own_copy}", *TEXT[2:]), SAME),
+                       (TEXT, (*TEXT[:1], "task.train_file={own_changed}", *TEXT[2:]), DIFFERS)],
+        "eval_file": [((), ("task.eval_file={own}",), SAME), (TEXT, (*TEXT, "task.eval_file={own_copy}"), DIFFERS)],
+        "hub_dataset": [((), ("task.hub_dataset=someone/tickets",), SAME)],  # offline: the hub's side is tested in test_own_data
+        "hub_config": [((), ("task.hub_config=other",), SAME), (TEXT, (*TEXT, "task.hub_config=other"), SAME)],
+        "hub_revision": [((), ("task.hub_revision=v2",), SAME), (TEXT, (*TEXT, "task.hub_revision=v2"), SAME)],
+        "train_split": [((), ("task.train_split=other",), SAME), (TEXT, (*TEXT, "task.train_split=other"), SAME)],
+        "eval_split": [((), ("task.eval_split=test",), SAME), (TEXT, (*TEXT, "task.eval_split=test"), SAME)],
+        "text_column": [((), ("task.text_column=other",), SAME), (TEXT, (*TEXT, "task.text_column=other"), DIFFERS)],
+        "text_pair_column": [((), ("task.text_pair_column=other",), SAME), (TEXT, (*TEXT, "task.text_pair_column=other"), DIFFERS)],
+        "label_column": [((), ("task.label_column=score",), SAME), (TEXT, SCORE, DIFFERS)],
+        "problem": [((), ("task.problem=regression",), SAME), (SCORE, (*SCORE, "task.problem=regression"), DIFFERS)],
+        "metric": [((), ("task.metric=matthews",), SAME), (TEXT, (*TEXT, "task.metric=matthews"), DIFFERS)],
+        "prompt_column": [((), ("task.prompt_column=q",), SAME), (TEXT, (*TEXT, "task.prompt_column=q"), SAME)],
+        "input_column": [((), ("task.input_column=q",), SAME), (TEXT, (*TEXT, "task.input_column=q"), SAME)],
+        "response_column": [((), ("task.response_column=q",), SAME), (TEXT, (*TEXT, "task.response_column=q"), SAME)],
+        "messages_column": [((), ("task.messages_column=q",), SAME), (TEXT, (*TEXT, "task.messages_column=q"), SAME)],
     },
     "method": {
         "name": [((), ("method.name=full",), DIFFERS)],
@@ -155,9 +175,13 @@ def folders(tiny_bert_dir, tmp_path_factory) -> dict[str, str]:
     (root / "pattern.yaml").write_text("bert.encoder.layer.0.attention.self.query: 2\n")
     (root / "pattern_by_suffix.json").write_text('{"layer.0.attention.self.query": 2, "layer.1.attention.self.value": 8}')
     (root / "uniform.yaml").write_text("query: 8\nvalue: 8\n")
+    own = "text,other,label,score\n" + "".join(f"example {i},pair {i},{'ab'[i % 2]},{i % 2}\n" for i in range(60))
+    (root / "own.csv").write_text(own)
+    (root / "own_copy.csv").write_text(own)
+    (root / "own_changed.csv").write_text(own.replace("example 0,", "example zero,"))
     return {"bert": str(tiny_bert_dir), "bert_copy": str(root / "bert_copy"), "bert_other": str(root / "bert_other"),
             "llama": str(root / "llama"), "glue_copy": str(root / "glue_copy"), "glue_changed": str(root / "glue_changed"),
-            "tmp": str(root)}
+            "tmp": str(root), **{name: str(root / f"{name}.csv") for name in ("own", "own_copy", "own_changed")}}
 
 
 @pytest.fixture(scope="module")
