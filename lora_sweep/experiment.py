@@ -186,14 +186,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> RunRecord:
     """The measured half of the record: build the model, train it on the run's batches, evaluate it, save it."""
     s = p.settings
     tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
-    set_seed(s.train.seed)  # before the head and the adapter are initialised: same seed, same run
-    model = p.family.load_model(p.model_path, s)
-    base_total = sum(p_.numel() for p_ in model.parameters())
-    probe = forgetting.Probe(s, p.identity["config"]["model"], p.device)
-    probe.before(model.to(p.device), tokenizer)
-    model, adapted = adapters.apply_method(model, p.method, p.family.TASK_TYPE)
-    counts = adapters.count_parameters(model, base_total, p.method.name)
-
+    model, adapted, counts, probe = _model(p, tokenizer)
     start = time.perf_counter()
     tokens, cached = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
     prep_seconds = time.perf_counter() - start
@@ -222,26 +215,46 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> RunRecord:
                       "global_batch": s.train.batch_size * s.train.grad_accum},
         "train_examples": len(train_set), "tune_examples": len(tokens["tune"]), "eval_examples": len(tokens["dev"]),
         "tokens": {"train": batching.token_summary(result.real_tokens, result.computed_tokens)},
-        "micro_batches": len(schedule.batches),
+        "micro_batches": len(schedule.batches), "time": _times(result, prep_seconds, cached),
     }
-    times = _times(result, prep_seconds, cached)
     if result.diverged_at is not None:
-        return {**out, "time": times, "status": "diverged", "diverged_at_step": result.diverged_at, "error": result.divergence}
+        return {**out, "status": "diverged", "diverged_at_step": result.diverged_at, "error": result.divergence}
+    out.update(_evaluate(p, accelerator, model, tokenizer, tokens, collate, curve, result, out))
+    out["forgetting"] = probe.measure(accelerator.unwrap_model(model), tokenizer)
+    out["artifact"] = _save(accelerator, model, p) if s.train.save_adapter else None
+    out["status"] = "done"
+    return out
 
+
+def _model(p: Plan, tokenizer) -> tuple[torch.nn.Module, list[str], adapters.ParamCounts, forgetting.Probe]:
+    """The model as the method trains it (seeded before the head and the adapter are drawn: same seed, same run),
+    the adapted modules, the parameter counts, and the forgetting probe measured on the base weights."""
+    s = p.settings
+    set_seed(s.train.seed)
+    model = p.family.load_model(p.model_path, s)
+    base_total = sum(p_.numel() for p_ in model.parameters())
+    probe = forgetting.Probe(s, p.identity["config"]["model"], p.device)
+    probe.before(model.to(p.device), tokenizer)
+    model, adapted = adapters.apply_method(model, p.method, p.family.TASK_TYPE)
+    return model, adapted, adapters.count_parameters(model, base_total, p.method.name), probe
+
+
+def _evaluate(p: Plan, accelerator, model, tokenizer, tokens, collate, curve: list[CurvePoint], result,
+              out: RunRecord) -> RunRecord:
+    """The final evaluation: tuning and eval splits with their per-example outputs, the family's extra metrics, and
+    the learning curve's last point."""
+    s = p.settings
     start = time.perf_counter()
     tune = evaluate_split(accelerator, model, p.family, tokens["tune"], collate, s)
     dev = evaluate_split(accelerator, model, p.family, tokens["dev"], collate, s)
     metrics = {**dev["metrics"], **p.family.extra_metrics(accelerator, model, tokenizer, tokens["dev"], s)}
-    times.update(eval_s=time.perf_counter() - start, curve_eval_s=result.checkpoint_seconds)
     curve.append({"step": result.steps, "metrics": tune["metrics"], "outputs": tune["examples"]["outputs"]})
-    out["tokens"].update(tune=tune["tokens"], dev=dev["tokens"])
-    out.update(metrics=metrics, primary_metric=dev["primary_metric"], primary_value=metrics[dev["primary_metric"]],
-               tune_metrics=tune["metrics"], tune_value=tune["metrics"][dev["primary_metric"]],
-               examples={"dev": dev["examples"], "tune": tune["examples"]}, tune_curve=curve, time=times,
-               forgetting=probe.measure(accelerator.unwrap_model(model), tokenizer))
-    out["artifact"] = _save(accelerator, model, p) if s.train.save_adapter else None
-    out["status"] = "done"
-    return out
+    primary = dev["primary_metric"]
+    return {"tokens": {**out["tokens"], "tune": tune["tokens"], "dev": dev["tokens"]}, "metrics": metrics,
+            "primary_metric": primary, "primary_value": metrics[primary], "tune_metrics": tune["metrics"],
+            "tune_value": tune["metrics"][primary], "examples": {"dev": dev["examples"], "tune": tune["examples"]},
+            "tune_curve": curve,
+            "time": {**out["time"], "eval_s": time.perf_counter() - start, "curve_eval_s": result.checkpoint_seconds}}
 
 
 def _times(result, prep_seconds: float, from_cache: bool) -> Times:
