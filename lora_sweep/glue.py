@@ -1,8 +1,7 @@
 """The GLUE task family: where the data lives, how to read it, the model head, and the official metrics.
 
-experiment.py uses a task family through the module-level names TASK_TYPE, resolve_source,
-load_model, data_identity, build, collator, batch_outputs, split_metrics and extra_metrics
-(lora_sweep.instruct has the same).
+It implements the task-family contract (lora_sweep.task_family.TaskFamily), as lora_sweep.instruct and
+lora_sweep.text do.
 
 Local files are read in the original GLUE download layout (`<glue_dir>/<TASK>/{train,dev}.tsv`).
 They are parsed by hand rather than with `datasets`' csv loader because the GLUE files need

@@ -1,7 +1,6 @@
 """The instruction-tuning task family: instruction/response data, a causal decoder, loss on the response only.
 
-Same module interface as lora_sweep.glue (TASK_TYPE, resolve_source, load_model, data_identity, build,
-collator, batch_outputs, split_metrics, extra_metrics). Examples are {instruction, input, output}; the
+It implements the task-family contract (lora_sweep.task_family.TaskFamily). Examples are {instruction, input, output}; the
 held-out (reported) split is a seeded permutation, the tuning split is carved from the rest; the prompt's
 tokens get label -100 so only the response is learned and scored.
 

@@ -24,6 +24,7 @@ NOTE = ("Times are medians over interleaved repeats with their interval for the 
 
 
 def load(results_dir: Path) -> list[dict[str, Any]]:
+    """The deploy records of a results folder (lora-deploy writes them in <results>/deploy/)."""
     folder = results_dir / "deploy"
     return [r for r in (records.read_record(folder, p.stem) for p in sorted(folder.glob("*.json"))) if r] if folder.is_dir() else []
 
