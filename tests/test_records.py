@@ -228,3 +228,21 @@ def test_lora_analyze_takes_the_results_folder_or_its_runs_folder(tmp_path, done
     assert records.runs_folder(done[0]) == done[0] / "runs"
     assert records.runs_folder(done[0] / "runs") == done[0] / "runs"
     assert records.runs_folder(tmp_path / "nothing") == tmp_path / "nothing" / "runs"  # its error names the runs folder
+
+
+def test_the_analysis_imports_only_the_base_modules():
+    """Dependencies run one way: the analysis reads records and never reaches the run side or the model side."""
+    import ast
+
+    base = {"lora_sweep.records", "lora_sweep.metrics", "lora_sweep.identity", "lora_sweep.errors", "lora_sweep.settings"}
+    found = {}
+    for path in (Path(records.__file__).parent / "analysis").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lora_sweep"):
+                modules = [node.module] if node.module != "lora_sweep" else [f"lora_sweep.{a.name}" for a in node.names]
+                found.update({m: path.name for m in modules if not m.startswith("lora_sweep.analysis")})
+            elif isinstance(node, ast.Import):
+                found.update({a.name: path.name for a in node.names if a.name.startswith("lora_sweep") and
+                              not a.name.startswith("lora_sweep.analysis")})
+    assert set(found) <= base, {m: f for m, f in found.items() if m not in base}
+    assert "lora_sweep.records" in found  # the test reads imports at all
