@@ -70,7 +70,7 @@ def test_rank_beyond_the_matrix_is_refused():
         adapters.apply_method(tiny_bert(), lora(r=65, targets="qv"), "SEQ_CLS")
 
 
-def test_merged_and_reloaded_adapters_reproduce_the_trained_outputs(tmp_path):
+def test_merged_and_reloaded_adapters_reproduce_the_trained_outputs(tmp_path, one_thread):
     torch.manual_seed(0)
     base_inputs = {"input_ids": torch.randint(0, 30522, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
     model, _ = adapters.apply_method(tiny_bert(), lora(r=4, targets="all_linear"), "SEQ_CLS")

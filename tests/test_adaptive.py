@@ -16,7 +16,7 @@ from hydra_plugins.lora_sweep_adaptive.sweeper import AdaptiveSettings
 from lora_sweep.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_sweep import grid, load, sweep, values  # noqa: E402
+from test_sweep import OWN_PROCESS, grid, load, refused_sweep, sweep, values  # noqa: E402
 
 RECORDS = Path(__file__).resolve().parents[1] / "results" / "runs"
 SIMS = 4000
@@ -131,6 +131,7 @@ TINY_ADAPTIVE = ["+sweep=rank", "method.r=1,8", "hydra.sweeper.initial_seeds=2",
                  "task.tune_examples=16", "train.threads=1"]  # the preset's joblib launcher, two jobs at a time
 
 
+@pytest.mark.slow
 def test_a_tiny_adaptive_sweep_decides_in_rounds_and_resumes_to_the_same_decisions(tmp_path, tiny_bert_dir):
     """The tiny random model predicts one class at seeds 0 and 1 (LoRA +6.25 points over full FT on 32 examples,
     the eval set's noise alone): with ε = 28 both ranks are open at look 1 (±44.4) and could be settled by 3 seeds
@@ -161,8 +162,10 @@ def test_a_tiny_adaptive_sweep_decides_in_rounds_and_resumes_to_the_same_decisio
     (["pair_baseline=false"], "pair_baseline=false: an adaptive sweep decides by the paired test"),
     (["hydra.sweeper.params=null"], "an adaptive sweep needs a rank axis"),
 ])
-def test_bad_adaptive_sweeps_stop_before_any_job(tmp_path, tiny_bert_dir, overrides, message):
-    result = sweep(tmp_path, tiny_bert_dir, "+sweep=rank", *overrides)
+@OWN_PROCESS
+def test_bad_adaptive_sweeps_stop_before_any_job(tmp_path, tiny_bert_dir, overrides, message, own_process, capsys, monkeypatch):
+    result = refused_sweep(tmp_path, tiny_bert_dir, "+sweep=rank", *overrides, own_process=own_process, capsys=capsys,
+                           monkeypatch=monkeypatch)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "runs").exists()

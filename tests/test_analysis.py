@@ -162,6 +162,7 @@ def test_fixture_records_are_what_the_writer_and_identity_would_produce(tmp_path
     assert np.mean(np.argmax(df.loc[0, "examples"]["outputs"], axis=1) == LABELS["dev"]) == pytest.approx(0.812)
 
 
+@pytest.mark.slow
 def test_aggregates_and_the_paired_difference_match_hand_computed_values(tmp_path, templates):
     write(tmp_path, templates, {4: [0.80, 0.82, 0.84]}, [0.85, 0.86, 0.87])
     df, agg, ranks, _ = analyse(tmp_path)
@@ -211,6 +212,7 @@ def test_records_of_different_identities_are_never_pooled(tmp_path, templates):
     assert len(cpu) == 1 and cpu.iloc[0]["config_id"] == lora_t["config_id"] and cpu.iloc[0]["paired_seeds"] == 2
 
 
+@pytest.mark.slow
 def test_learning_rates_are_chosen_on_the_tuning_split(tmp_path, templates):
     lora_t, full_t = templates
     for seed in range(3):
@@ -287,6 +289,7 @@ def test_inconclusive_ranks_name_the_ones_significantly_worse(tmp_path, template
     assert text.startswith("none yet: the evidence is too weak at r=8 (significantly worse at r=1); closest: r=8, inconclusive")
 
 
+@pytest.mark.slow
 def test_diverged_runs_are_never_recommended(tmp_path, templates):
     lora_t, _ = templates
     write(tmp_path, templates, {4: [0.855, 0.856, 0.854]}, [0.86, 0.86, 0.86])
@@ -314,6 +317,7 @@ def test_a_learning_rate_that_diverged_at_some_seed_is_not_chosen(tmp_path, temp
     assert row_at(ranks, 4)["lr"] == pytest.approx(1e-3)
 
 
+@pytest.mark.slow
 def test_suspicious_done_runs_are_flagged(tmp_path, templates):
     lora_t, full_t = templates
     majority = max(LABELS["dev"].mean(), 1 - LABELS["dev"].mean())
@@ -333,6 +337,7 @@ def test_suspicious_done_runs_are_flagged(tmp_path, templates):
     assert "## Runs to look at" in (tmp_path.parent / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_lists_every_run_and_draws_the_plots(tmp_path, templates):
     runs = tmp_path / "runs"
     write(runs, templates, {1: [0.80, 0.81], 4: [0.84, 0.85]}, [0.86, 0.87])
@@ -363,6 +368,7 @@ def test_report_lists_every_run_and_draws_the_plots(tmp_path, templates):
     assert "learning against forgetting" in (tmp_path / "plots" / f"{slug}_forgetting.svg").read_text()
 
 
+@pytest.mark.slow
 def test_update_analyses_come_from_the_saved_artifacts_and_then_from_their_cached_tables(tmp_path, tiny_bert_dir):
     runs = tmp_path / "runs"
     experiment.run(compose(*TINY, "train.save_adapter=true", "train.forgetting_examples=16", f"model.name_or_path={tiny_bert_dir}",
@@ -378,6 +384,7 @@ def test_update_analyses_come_from_the_saved_artifacts_and_then_from_their_cache
     assert "read from the cached tables" in again and "Rank advisor" in again
 
 
+@pytest.mark.slow
 def test_a_missing_baseline_is_stated(tmp_path, templates):
     runs = tmp_path / "runs"
     write(runs, templates, {4: [0.84]}, [0.86])
@@ -388,6 +395,7 @@ def test_a_missing_baseline_is_stated(tmp_path, templates):
     assert "no paired full-FT baseline with per-example outputs: nothing to compare with" in text
 
 
+@pytest.mark.slow
 def test_a_context_without_a_baseline_is_stated_beside_one_with(tmp_path, templates):
     lora_t, _ = templates
     write(tmp_path, templates, {4: [0.855, 0.856, 0.854]}, [0.86, 0.86, 0.86])
@@ -402,6 +410,7 @@ def test_a_context_without_a_baseline_is_stated_beside_one_with(tmp_path, templa
     reporting.write(tmp_path)  # the report is written for both
 
 
+@pytest.mark.slow
 def test_runs_without_a_memory_probe_are_reported(tmp_path, templates):
     lora_t, full_t = templates
     unprobed = {"peak_bytes": None, "split_bytes": None, "grad_bytes_after_backward": None}
@@ -438,6 +447,7 @@ def loss_variant(template: dict, seed: int, loss: float, noise: float) -> dict:
     return record
 
 
+@pytest.mark.slow
 def test_a_loss_metric_is_compared_lower_is_better_and_has_no_share_of_full(tmp_path, loss_templates):
     lora_t, full_t = loss_templates
     assert lora_t["primary_metric"] == "loss" and lora_t["examples"]["dev"]["labels"] is None
@@ -479,6 +489,7 @@ def test_empty_or_missing_folder_gives_one_clear_error(tmp_path, capsys, own_pro
     assert result.stderr.strip().splitlines() == [f"error: no readable run records in {tmp_path / 'runs'}"]
 
 
+@pytest.mark.slow
 def test_the_report_estimates_the_recommended_rank_on_a_target_model(tmp_path, templates):
     runs = tmp_path / "runs"
     write(runs, templates, {1: [0.80, 0.801, 0.799], 4: [0.854, 0.855, 0.856]}, [0.86, 0.86, 0.86])
@@ -498,6 +509,7 @@ def test_the_report_estimates_the_recommended_rank_on_a_target_model(tmp_path, t
     assert "rank_pattern" not in section and "### " not in section and "r=4 on qv (the recommended rank)" in section
 
 
+@pytest.mark.slow
 def test_each_context_of_a_sweep_is_estimated_at_its_own_rank_and_budget(tmp_path, templates):
     runs = tmp_path / "runs"
     write(runs, templates, {1: [0.80, 0.801, 0.799], 4: [0.854, 0.855, 0.856]}, [0.86, 0.86, 0.86])
@@ -514,6 +526,7 @@ def test_each_context_of_a_sweep_is_estimated_at_its_own_rank_and_budget(tmp_pat
     assert "r=4 on qv (the recommended rank)" in batch[8] and "r=1 on qv (the recommended rank)" in batch[16]
 
 
+@pytest.mark.slow
 def test_forgetting_of_one_seed_is_reported_without_an_interval(tmp_path, templates):
     runs = tmp_path / "runs"
     assert templates[0]["forgetting"]["forgetting"] is not None  # the template runs measured it
@@ -526,6 +539,7 @@ def test_forgetting_of_one_seed_is_reported_without_an_interval(tmp_path, templa
     assert "one seed" not in line and line.split("):", 1)[1].count(" ± ") == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_mid,word", [(0.70, "closing"), (0.795, "widening"), (0.80, "steady")])
 def test_learning_curves_give_the_paired_gap_at_each_checkpoint_and_its_trend(tmp_path, templates, lora_mid, word):
     """Full FT at 0.80 then 0.86 on the tuning split; LoRA r=4 at `lora_mid` then 0.85 (a seed-dependent wiggle for the
@@ -553,6 +567,7 @@ def test_learning_curves_give_the_paired_gap_at_each_checkpoint_and_its_trend(tm
     assert f"**The gap to full FT was {word}**" in text and "### Learning curves (tuning split)" in text
 
 
+@pytest.mark.slow
 def test_batching_comparison_pairs_each_batching_with_random_batches(tmp_path, templates):
     """LoRA r=4 at 0.85 on every seed with random and sorted batches (each its own examples right), and at 0.83 with
     grouped batches: sorted does not differ from random, grouped is 2 points worse and says so."""

@@ -80,12 +80,18 @@ def test_bad_input_fails_with_one_line(tmp_path, capsys, monkeypatch, overrides,
     assert done_records(tmp_path) == []
 
 
-def test_the_command_itself_fails_fast_when_the_hub_is_out_of_reach(tmp_path):
+@pytest.mark.parametrize("own_process", [pytest.param(True, marks=pytest.mark.slow, id="process"),
+                                         pytest.param(False, id="in-process")])
+def test_the_command_itself_fails_fast_when_the_hub_is_out_of_reach(tmp_path, capsys, monkeypatch, own_process):
+    """The command itself (a fresh process, `python -m lora_sweep`) and its entry point in this process."""
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"}
     env.pop("HF_HUB_OFFLINE", None)
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "lora_sweep", *arguments(tmp_path, ["model=roberta_base"])],
-                            capture_output=True, text=True, env=env, timeout=120)
+    if own_process:
+        result = subprocess.run([sys.executable, "-m", "lora_sweep", *arguments(tmp_path, ["model=roberta_base"])],
+                                capture_output=True, text=True, env=env, timeout=120)
+    else:
+        result = lora_sweep(tmp_path, "model=roberta_base", capsys=capsys, monkeypatch=monkeypatch)
     assert time.perf_counter() - started < 30
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -140,7 +146,8 @@ def read_only(monkeypatch):  # chmod means nothing to root: the refusal the OS g
      "{tmp}/a_file/runs: Not a directory; point runs_dir, cache_dir or artifacts_dir at a folder you can write", ""),
     (["cache_dir={tmp}/a_file/cache"], None, "{tmp}/a_file/cache/tokenized: Not a directory", ""),
     ([], read_only, "{tmp}/runs: Permission denied; point runs_dir, cache_dir or artifacts_dir at a folder you can write", ""),
-    ([], no_space, "{tmp}/runs: No space left on device; free some space, or point runs_dir, cache_dir or artifacts_dir at another disk", ""),
+    pytest.param([], no_space, "{tmp}/runs: No space left on device; free some space, or point runs_dir, cache_dir or artifacts_dir at another disk",
+                 "", marks=pytest.mark.slow),  # found when the record is written: after the run has trained
     (["model.name_or_path={tmp}/empty"], None, "model.name_or_path={tmp}/empty is a folder but not a model: it has no config.json", ""),
     (["model.name_or_path={tmp}/typo"], None, "model.name_or_path={tmp}/typo: no such folder", "cannot be reached"),
     (["model.name_or_path=models/typo"], None, "model.name_or_path=models/typo: no such folder", "cannot be reached"),

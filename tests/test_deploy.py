@@ -126,6 +126,7 @@ def test_a_mixed_batch_gives_each_row_its_own_adapter(tmp_path, one_thread):
         assert (out[(i + 1) % 3::3] - alone[(i + 1) % 3::3]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_lora_deploy_writes_a_record_and_the_report_its_section(tmp_path, tiny_bert_dir, capsys):
     results = tmp_path / "results"
     few = ["train.max_steps=2", "train.batch_size=8", "task.max_train_examples=32", "task.max_eval_examples=40",
@@ -159,6 +160,7 @@ def test_lora_deploy_writes_a_record_and_the_report_its_section(tmp_path, tiny_b
     assert missing.value.code == 1 and "its adapter is not on disk" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_embeddings_preset_trains_the_real_minilm(tmp_path):
     record = experiment.run(compose(
         "train.max_steps=2", "train.batch_size=8", "task.max_train_examples=32", "task.max_eval_examples=16",

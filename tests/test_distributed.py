@@ -84,6 +84,7 @@ def records_in(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in folder.glob("*.json")]
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path, no_dropout_bert, one_thread):
     result = launch(tmp_path, no_dropout_bert, "method=full", "train.distributed=ddp", f"runs_dir={tmp_path / 'two'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -120,6 +121,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, no_dropout_bert, 
     assert lora["status"] == "done" and lora["baseline_run_id"] == two["run_id"] and lora["baseline_status"] == "done"
 
 
+@pytest.mark.slow
 def test_a_failing_process_leaves_a_failed_record(tmp_path, tiny_bert_dir):
     result = launch(tmp_path, tiny_bert_dir, "method=full", "train.distributed=ddp", f"runs_dir={tmp_path / 'runs'}", fail_rank=1)
     assert result.returncode != 0
@@ -152,6 +154,7 @@ def test_fsdp_composes_into_a_sharding_plugin():
         compose("train.distributed=zero")
 
 
+@pytest.mark.slow
 def test_a_submitit_job_of_two_tasks_is_one_run_of_two_processes(tmp_path, tiny_bert_dir):
     """The SLURM path on this machine: submitit's local executor starts the job's two tasks, which find their
     rank and world size in submitit's variables as they would in SLURM's."""

@@ -20,6 +20,7 @@ def settings_for(tmp_path, *overrides):
     return compose_settings(*FEW, f"runs_dir={tmp_path / 'runs'}", f"cache_dir={tmp_path / 'cache'}", *overrides)
 
 
+@pytest.mark.slow
 def test_one_lora_run_writes_a_complete_record_with_its_baseline(tmp_path):
     record = experiment.run(settings_for(tmp_path, "method.r=4"))
     on_disk = json.loads(records.record_path(tmp_path / "runs", record["run_id"]).read_text())
@@ -84,6 +85,7 @@ def test_one_lora_run_writes_a_complete_record_with_its_baseline(tmp_path):
     assert lost["forgetting"] == pytest.approx(lost["before"] - lost["after"]) and lost["forgetting"] != 0
 
 
+@pytest.mark.slow
 def test_same_seed_twice_gives_identical_results_and_the_second_is_skipped(tmp_path):
     overrides = ("pair_baseline=false", "train.save_adapter=false", "train.memory_probe=false")
     first = experiment.run(settings_for(tmp_path, *overrides))
@@ -101,6 +103,7 @@ def test_same_seed_twice_gives_identical_results_and_the_second_is_skipped(tmp_p
     assert other_seed["examples"]["tune"]["ids"] == first["examples"]["tune"]["ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lr,reason", [("1e30", "loss became NaN or infinite at step {step}"),
                                        ("1e4", "training loss ran away at step {step}: mean of the last ")])
 def test_a_diverging_run_is_recorded_as_diverged_with_its_step(tmp_path, tiny_bert_dir, lr, reason):
@@ -114,6 +117,7 @@ def test_a_diverging_run_is_recorded_as_diverged_with_its_step(tmp_path, tiny_be
     assert record["budget"]["initial_loss"] > 0 and record["config_id"] == identity.config_id(record["identity"])
 
 
+@pytest.mark.slow
 def test_wandb_logger_works_offline_inside_the_results_folder(tmp_path, tiny_bert_dir, monkeypatch):
     monkeypatch.delenv("WANDB_DIR", raising=False)
     record = experiment.run(compose_settings(

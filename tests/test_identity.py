@@ -199,6 +199,7 @@ def planned(folders):
     return plan_for
 
 
+@pytest.mark.slow  # ~150 cases, each composing its settings with Hydra (~0.25 s apiece)
 @pytest.mark.parametrize("section,name,base,changed,expect", CASES)
 def test_a_setting_changes_the_run_id_exactly_when_it_can_change_the_result(planned, section, name, base, changed, expect):
     (settings_a, plan_a), (settings_b, plan_b) = planned(base), planned(changed)

@@ -58,6 +58,7 @@ def _rows(split) -> list[tuple]:
     return list(zip(split["id"], split["instruction"], split["input"], split["output"]))
 
 
+@pytest.mark.slow
 def test_the_splits_are_deterministic_disjoint_and_keep_their_source_ids():
     task = compose("task=instruct/alpaca").task
     splits = instruct.load_splits(task, 0, "local")
@@ -153,6 +154,7 @@ def test_llama_presets_count_d_plus_k_times_r(tiny_llama_dir):
         assert not any("lm_head" in name for name in adapted)
 
 
+@pytest.mark.slow
 def test_tiny_llama_runs_lora_and_full_and_the_analysis_draws_them(tmp_path, tiny_llama_dir):
     runs = tmp_path / "runs"
     for r in (2, 8):
@@ -190,6 +192,7 @@ def outputs_tokens(record: dict, split: str) -> float:
     return float(sum(tokens for _, tokens in record["examples"][split]["outputs"]))
 
 
+@pytest.mark.slow
 def test_converted_smollm_gives_the_gguf_logits(smollm_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -7,6 +7,8 @@ from lora_sweep import adapters, memory
 from lora_sweep.settings import MethodSettings
 from tests.conftest import tiny_bert
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def measure(method: MethodSettings):
     model, _ = adapters.apply_method(tiny_bert(), method, "SEQ_CLS")

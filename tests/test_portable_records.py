@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from lora_sweep import experiment, records
 from lora_sweep.settings import compose
 
@@ -12,6 +14,7 @@ TINY = ["train.max_steps=2", "train.batch_size=8", "task.max_train_examples=32",
         "train.threads=1", "train.save_adapter=false", "train.memory_probe=false", "train.forgetting_examples=0", "pair_baseline=false"]
 
 
+@pytest.mark.slow
 def test_a_record_holds_no_absolute_path_of_a_local_model(tmp_path, tiny_bert_dir, one_thread):
     runs = tmp_path / "runs"
     record = experiment.run(compose(f"model.name_or_path={tiny_bert_dir}", f"runs_dir={runs}", f"cache_dir={tmp_path / 'cache'}", *TINY))

@@ -17,7 +17,8 @@ from lora_sweep.settings import compose
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["task.max_train_examples=32", "task.max_eval_examples=16", "train.max_steps=1", "train.batch_size=8",
-        "train.max_seq_len=32", "train.save_adapter=false", "pair_baseline=false", "model.name=tiny"]
+        "train.max_seq_len=32", "train.save_adapter=false", "pair_baseline=false", "model.name=tiny",
+        "train.threads=1"]  # one thread: a tiny model on two threads of cores shared with other work is many times slower
 
 
 def settings_for(folder: Path, model_dir: Path, *overrides: str):
@@ -76,6 +77,7 @@ def test_valid_json_of_the_wrong_shape_is_moved_aside(tmp_path, capsys, shape):
     assert len(warnings_in(capsys.readouterr().err)) == 1
 
 
+@pytest.mark.slow
 def test_a_re_run_over_damaged_records_runs_again_and_keeps_the_damage_aside(tmp_path, done, tiny_bert_dir, capsys):
     _, record = done
     settings = settings_for(tmp_path, tiny_bert_dir)
@@ -89,6 +91,7 @@ def test_a_re_run_over_damaged_records_runs_again_and_keeps_the_damage_aside(tmp
     assert capsys.readouterr().out.count(f"{record['run_id']} (tiny sst2 LoRA r=8 alpha=16 targets=qv lr=0.002 seed=0) starting") == 2
 
 
+@pytest.mark.slow
 def test_lora_analyze_lists_every_file_it_skipped_and_carries_on(tmp_path, done, capsys):
     folder, record = done
     runs = tmp_path / "runs"
@@ -155,6 +158,7 @@ def test_a_record_names_no_absolute_path_or_host_and_keeps_tracebacks_in_a_log(t
     assert str(tmp_path) not in json.dumps(saved)
 
 
+@pytest.mark.slow
 def test_artifacts_go_where_artifacts_dir_says_and_the_record_points_there(tmp_path, tiny_bert_dir):
     record = experiment.run(settings_for(tmp_path, tiny_bert_dir, "train.save_adapter=true"))
     assert record["artifact"]["path"] == f"artifacts/{record['run_id']}"
@@ -162,6 +166,7 @@ def test_artifacts_go_where_artifacts_dir_says_and_the_record_points_there(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "runs"]  # nothing outside the folders named
 
 
+@pytest.mark.slow
 def test_a_killed_analysis_leaves_the_earlier_report_and_tables(tmp_path, done, monkeypatch):
     runs = tmp_path / "runs"
     runs.mkdir()

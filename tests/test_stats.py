@@ -134,6 +134,7 @@ def simulate(rng, *, seeds, n=800, mu_a=2.6, mu_b=2.68, sd_seed=0.1, sd_noise=0.
     return runs[0], runs[1], labels, 100 * (st.norm.cdf(mu_a / sigma) - st.norm.cdf(mu_b / sigma))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sd_seed, naive_below", [(0.1, 0.90), (0.15, 0.80)])
 def test_interval_covers_the_true_difference(sd_seed, naive_below):
     """3 seeds × 800 examples, 400 simulations: the 95% interval covers Δ* in 90-99% of them, while an interval
@@ -218,6 +219,7 @@ def test_planning_reaches_its_target_on_the_estimates():
     assert v.status == "inconclusive" and v.seeds_needed is None and "no amount of data" in v.text
 
 
+@pytest.mark.slow
 def test_predicted_seeds_give_the_target_half_width():
     """Pilot runs of 5 seeds predict how many seeds resolve an inconclusive verdict; running that many gives a
     half-width near the target |Δ + ε| (the median over pilots: each pilot's seed variance is itself noisy).

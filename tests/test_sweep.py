@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lora_sweep import experiment, records
+from lora_sweep import cli, experiment, records
 from lora_sweep.settings import CONF_DIR, register
 from lora_sweep.sweep import compose_job, job_overrides
 
@@ -20,16 +21,38 @@ TINY = ["task.max_train_examples=48", "task.max_eval_examples=32", "train.max_st
         "train.save_adapter=false", "train.max_seq_len=32", "model.name=tiny"]
 
 
+def sweep_arguments(tmp_path: Path, model_dir: Path, *overrides: str, results: str = "runs", sweep_dir: bool = True) -> list[str]:
+    """What follows `lora-sweep` on the command line of `sweep`."""
+    return ["-m", f"model.name_or_path={model_dir}", *TINY, f"runs_dir={tmp_path / results}", f"cache_dir={tmp_path / 'cache'}",
+            *([f"hydra.sweep.dir={tmp_path / 'multirun' / str(time.time_ns())}"] if sweep_dir else []), *overrides]
+
+
 def sweep(tmp_path: Path, model_dir: Path, *overrides: str, results: str = "runs", wait: bool = True, sweep_dir: bool = True):
     """`lora-sweep -m` run from `tmp_path`; `sweep_dir=False` leaves Hydra's sweep folder to the default."""
-    args = [sys.executable, "-m", "lora_sweep", "-m", f"model.name_or_path={model_dir}", *TINY,
-            f"runs_dir={tmp_path / results}", f"cache_dir={tmp_path / 'cache'}",
-            *([f"hydra.sweep.dir={tmp_path / 'multirun' / str(time.time_ns())}"] if sweep_dir else []), *overrides]
+    args = [sys.executable, "-m", "lora_sweep", *sweep_arguments(tmp_path, model_dir, *overrides, results=results, sweep_dir=sweep_dir)]
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     if not wait:
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
                                 start_new_session=True)
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def refused_sweep(tmp_path: Path, model_dir: Path, *overrides: str, own_process: bool, capsys, monkeypatch):
+    """A sweep expected to be refused before it starts: `sweep` in a process of its own, or the same command line
+    given to the console script's entry point in this process (its exit code and what it printed)."""
+    if own_process:
+        return sweep(tmp_path, model_dir, *overrides)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lora-sweep", *sweep_arguments(tmp_path, model_dir, *overrides)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    printed = capsys.readouterr()
+    return SimpleNamespace(returncode=exit_info.value.code, stdout=printed.out, stderr=printed.err)
+
+
+# The checks that need no training run in this process (fast) and, as the command itself, in a process of its own.
+OWN_PROCESS = pytest.mark.parametrize("own_process", [pytest.param(True, marks=pytest.mark.slow, id="process"),
+                                                      pytest.param(False, id="in-process")])
 
 
 def load(folder: Path) -> dict[str, dict]:
@@ -46,6 +69,7 @@ def check_paired(found: dict[str, dict], lora_runs: int, baselines: int) -> None
         assert baseline["method"] == "full" and baseline["seed"] == r["seed"] and r["baseline_status"] == "done"
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_a_micro_sweep_with_shared_baselines(tmp_path, tiny_bert_dir):
     result = sweep(tmp_path, tiny_bert_dir, "hydra/launcher=local", "method.r=1,2", "train.seed=0,1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,6 +78,7 @@ def test_joblib_launcher_runs_a_micro_sweep_with_shared_baselines(tmp_path, tiny
     assert "LoRA r=2" in result.stdout and "full FT" in result.stdout  # the end-of-sweep table
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_a_micro_sweep(tmp_path, tiny_bert_dir):
     result = sweep(tmp_path, tiny_bert_dir, "hydra/launcher=submitit_local", "method.r=1,2", "train.seed=0,1", "train.threads=1")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,6 +87,7 @@ def test_submitit_local_executor_runs_a_micro_sweep(tmp_path, tiny_bert_dir):
     assert not list((tmp_path / "runs").glob("history/*.json"))  # no baseline ran twice despite four jobs at once
 
 
+@pytest.mark.slow
 def test_ray_launcher_runs_a_micro_sweep(tmp_path, tiny_bert_dir):
     """A local Ray (2 CPUs): jobs run two at a time and the first that needs a baseline trains it under its lock."""
     result = sweep(tmp_path, tiny_bert_dir, "hydra/launcher=ray_local", "method.r=1,2", "train.seed=0,1", "train.threads=1")
@@ -70,6 +96,7 @@ def test_ray_launcher_runs_a_micro_sweep(tmp_path, tiny_bert_dir):
     assert not (tmp_path / "runs" / "history").exists()  # no run (a baseline above all) was trained twice
 
 
+@pytest.mark.slow
 def test_a_second_sweep_finds_the_baseline_again(tmp_path, tiny_bert_dir):
     assert sweep(tmp_path, tiny_bert_dir, "method.r=1,2").returncode == 0
     first = load(tmp_path / "runs")
@@ -82,6 +109,7 @@ def test_a_second_sweep_finds_the_baseline_again(tmp_path, tiny_bert_dir):
     assert "already done: skipped" in second.stdout
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_sweep(tmp_path, tiny_bert_dir):
     slow = ["train.max_steps=30", "method.r=1,2,4,8"]
     process = sweep(tmp_path, tiny_bert_dir, *slow, wait=False)
@@ -103,6 +131,7 @@ def test_resume_after_a_killed_sweep(tmp_path, tiny_bert_dir):
     assert not list((tmp_path / "runs").glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_folder_lose_nothing(tmp_path, tiny_bert_dir):
     grid = ["method.r=1,2,4", "train.threads=1"]
     processes = [sweep(tmp_path, tiny_bert_dir, *grid, wait=False) for _ in range(2)]
@@ -112,6 +141,7 @@ def test_two_processes_writing_one_folder_lose_nothing(tmp_path, tiny_bert_dir):
     assert not list((tmp_path / "runs").glob("history/*.json"))  # every run ran exactly once
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_failing_run_finishes_the_others_and_exits_1(tmp_path, tiny_bert_dir):
     """A model folder whose config.json promises 512 positions while its weights hold 128 passes every check (they
     read the config and the weights' header) but fails when the run loads its weights."""
@@ -136,6 +166,7 @@ def test_a_sweep_with_a_failing_run_finishes_the_others_and_exits_1(tmp_path, ti
     assert f"[sweep] 1 of 2 runs failed or left no record: {failed['run_id']}" in result.stderr
 
 
+@pytest.mark.slow
 def test_two_sweeps_started_at_once_from_one_folder_each_report_their_own_runs(tmp_path, tiny_bert_dir):
     grids = (["method.r=1,2"], ["method.r=4,8"])
     processes = [sweep(tmp_path, tiny_bert_dir, *grid, "train.threads=1", wait=False, sweep_dir=False) for grid in grids]
@@ -150,6 +181,7 @@ def test_two_sweeps_started_at_once_from_one_folder_each_report_their_own_runs(t
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_again_and_again_ends_with_every_run_done_exactly_once(tmp_path, tiny_bert_dir):
     """Bounded chaos: SIGKILL during start-up, and once one and two records exist (mid-way through the next run),
     re-running the sweep after each; then the last re-run completes it."""
@@ -178,8 +210,9 @@ def test_a_sweep_killed_again_and_again_ends_with_every_run_done_exactly_once(tm
     (["method.r=1,0"], "method.r=0 must be >= 1"),
     (["method.targets=qv,nothing"], "method.targets='nothing' is not a preset"),
 ])
-def test_bad_sweeps_stop_before_any_training(tmp_path, tiny_bert_dir, overrides, message):
-    result = sweep(tmp_path, tiny_bert_dir, *overrides)
+@OWN_PROCESS
+def test_bad_sweeps_stop_before_any_training(tmp_path, tiny_bert_dir, overrides, message, own_process, capsys, monkeypatch):
+    result = refused_sweep(tmp_path, tiny_bert_dir, *overrides, own_process=own_process, capsys=capsys, monkeypatch=monkeypatch)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
@@ -190,8 +223,9 @@ def test_bad_sweeps_stop_before_any_training(tmp_path, tiny_bert_dir, overrides,
     (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': advisor, alpha, batching, glue"),
     (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'; Available options in 'hydra/launcher': basic, joblib, local"),
 ])
-def test_unknown_preset_or_launcher_is_refused(tmp_path, tiny_bert_dir, overrides, message):
-    result = sweep(tmp_path, tiny_bert_dir, *overrides)
+@OWN_PROCESS
+def test_unknown_preset_or_launcher_is_refused(tmp_path, tiny_bert_dir, overrides, message, own_process, capsys, monkeypatch):
+    result = refused_sweep(tmp_path, tiny_bert_dir, *overrides, own_process=own_process, capsys=capsys, monkeypatch=monkeypatch)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
