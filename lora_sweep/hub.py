@@ -106,12 +106,11 @@ def load_pretrained(mapping, path: str, config, revision: str | None = None, met
         with torch.device("meta"):
             return model_class(config)
     weights = Path(path) / "model.safetensors"
-    fresh_head = {"ignore_mismatched_sizes": True}  # a checkpoint's head for another number of labels is drawn afresh
     if not weights.is_file():  # a hub id or a sharded checkpoint: transformers' own loading
-        return model_class.from_pretrained(path, revision=revision, config=config, dtype=torch.float32, **fresh_head)
+        return model_class.from_pretrained(path, revision=revision, config=config, dtype=torch.float32)
     tensors = _checkpoint(str(weights), weights.stat().st_mtime_ns)
     model = model_class.from_pretrained(None, config=config, state_dict={k: v.clone() for k, v in tensors.items()},
-                                        dtype=torch.float32, **fresh_head)
+                                        dtype=torch.float32)
     model.name_or_path = model.config.name_or_path = path  # as from_pretrained(path) records it: PEFT reads it
     return model
 

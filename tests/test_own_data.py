@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from transformers import AutoTokenizer
 
 from lora_sweep import experiment, glue, text
 from lora_sweep.errors import UserError
 from lora_sweep.settings import compose
-from tests.conftest import SHARED_DATA
+
+from tests.conftest import SHARED_DATA, tiny_bert
 from tests.test_bad_input import lora_sweep, refuse_training
 
 GLUE = SHARED_DATA / "glue"
@@ -63,8 +65,17 @@ def test_a_classification_file_in_any_layout_trains_end_to_end(tmp_path, tiny_be
     assert 0 <= record["primary_value"] <= 1
 
 
+@pytest.fixture(scope="module")
+def tiny_regressor_dir(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with a one-output head: a checkpoint's head must match the task's (a mismatch is an error)."""
+    folder = tmp_path_factory.mktemp("tiny-regressor")
+    tiny_bert(num_labels=1).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.slow
-def test_a_pair_task_and_a_regression_task_train_end_to_end(tmp_path, tiny_bert_dir, one_thread):
+def test_a_pair_task_and_a_regression_task_train_end_to_end(tmp_path, tiny_bert_dir, tiny_regressor_dir, one_thread):
     rte = glue_rows("rte", 100)
     pairs = tmp_path / "entailment.jsonl"
     pd.DataFrame({"premise": rte["text_a"], "claim": rte["text_b"],
@@ -78,7 +89,7 @@ def test_a_pair_task_and_a_regression_task_train_end_to_end(tmp_path, tiny_bert_
     stsb = glue_rows("stsb", 100)
     scores = tmp_path / "similarity.parquet"
     pd.DataFrame({"a": stsb["text_a"], "b": stsb["text_b"], "score": stsb["label"]}).to_parquet(scores)
-    record = experiment.run(own(tmp_path, tiny_bert_dir, "task=text/regression", f"task.train_file={scores}",
+    record = experiment.run(own(tmp_path, tiny_regressor_dir, "task=text/regression", f"task.train_file={scores}",
                                 "task.text_column=a", "task.text_pair_column=b", "task.label_column=score"))
     assert record["status"] == "done" and record["primary_metric"] == "pearson"
     assert record["params"]["head"] == (H * H + H) + (H + 1)  # one output
