@@ -174,9 +174,12 @@ def load_splits(task: TaskSettings, seed: int, source: str) -> datasets.DatasetD
 
 def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Module:
     """The model with a fresh head for the task; on the meta device (no weights) to check a run cheaply."""
-    spec = task_spec(settings.task.name)
-    head = {"num_labels": spec.num_labels,
-            "problem_type": "regression" if spec.num_labels == 1 else "single_label_classification"}
+    return classifier(path, settings, task_spec(settings.task.name).num_labels, meta)
+
+
+def classifier(path: str, settings: Settings, num_labels: int, meta: bool = False) -> torch.nn.Module:
+    """A sequence classifier with a fresh head of `num_labels` outputs (1: regression); shared by the text family."""
+    head = {"num_labels": num_labels, "problem_type": "regression" if num_labels == 1 else "single_label_classification"}
     config = AutoConfig.from_pretrained(path, revision=settings.model.revision, **head)
     return load_pretrained(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, path, config, settings.model.revision, meta)
 
@@ -197,7 +200,11 @@ def data_identity(task: TaskSettings, source: str) -> dict:
 
 def build(settings: Settings, source: str, tokenizer) -> datasets.DatasetDict:
     """Tokenized train/tune/dev splits; padding is left to the collator (dynamic)."""
-    splits = load_splits(settings.task, settings.train.seed, source)
+    return tokenize(load_splits(settings.task, settings.train.seed, source), settings, tokenizer)
+
+
+def tokenize(splits: datasets.DatasetDict, settings: Settings, tokenizer) -> datasets.DatasetDict:
+    """Splits of text_a, [text_b,] label tokenized for a classifier; shared by the text family."""
     two = "text_b" in splits["train"].column_names
 
     def encode(batch: dict) -> dict:

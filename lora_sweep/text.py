@@ -17,12 +17,10 @@ from numbers import Number
 import datasets
 import numpy as np
 import torch
-from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig
 
-from lora_sweep import data, user_files
+from lora_sweep import data, glue, user_files
 from lora_sweep.errors import UserError
 from lora_sweep.glue import batch_outputs, collator  # noqa: F401  the same head and padding as GLUE (the family contract)
-from lora_sweep.hub import load_pretrained
 from lora_sweep.metrics import glue_metrics
 from lora_sweep.settings import Settings, TaskSettings
 
@@ -135,21 +133,12 @@ def _text(value) -> str:
 def load_model(path: str, settings: Settings, meta: bool = False) -> torch.nn.Module:
     """The model with a fresh head: one output per class, or one for regression."""
     classes = labels(settings.task)
-    head = {"num_labels": len(classes) if classes else 1,
-            "problem_type": "single_label_classification" if classes else "regression"}
-    config = AutoConfig.from_pretrained(path, revision=settings.model.revision, **head)
-    return load_pretrained(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, path, config, settings.model.revision, meta)
+    return glue.classifier(path, settings, len(classes) if classes else 1, meta)
 
 
 def build(settings: Settings, source: str, tokenizer) -> datasets.DatasetDict:
     """Tokenized train/tune/dev splits; padding is left to the collator (dynamic)."""
-    splits = load_splits(settings.task, settings.train.seed)
-    two = "text_b" in splits["train"].column_names
-
-    def encode(batch: dict) -> dict:
-        return tokenizer(batch["text_a"], batch["text_b"] if two else None, truncation=True, max_length=settings.train.max_seq_len)
-
-    return splits.map(encode, batched=True, remove_columns=["text_a", "text_b"] if two else ["text_a"])
+    return glue.tokenize(load_splits(settings.task, settings.train.seed), settings, tokenizer)
 
 
 def split_metrics(outputs: np.ndarray, labels_: np.ndarray, settings: Settings) -> tuple[dict[str, float], str]:
