@@ -16,18 +16,21 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
-from peft import LoraConfig, get_peft_model
+from peft import AdaLoraConfig, EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from lora_sweep.errors import UserError
 from lora_sweep.settings import CONF_DIR, MethodSettings
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not ours to fix
+warnings.filterwarnings("ignore", message="lora with eva initialization used with low_cpu_mem_usage=False")  # A is drawn, then replaced
 
 OTHER = "other"  # the family of every model type not in FAMILY_OF_MODEL_TYPE
 # Module-name patterns (suffix after a '.', or a regex matched against the whole name) per family.
@@ -105,8 +108,9 @@ NEVER_ADAPTED = ("lm_head",)
 class ParamCounts:
     total: int  # parameters of the base model
     trainable: int
-    adapter: int  # LoRA A/B matrices (and DoRA magnitudes)
+    adapter: int  # LoRA A/B matrices (and DoRA magnitudes; AdaLoRA's singular values): what is trained
     head: int  # task head parameters that are trained
+    kept: int | None = None  # Σ rank × (d + k) over the final ranks (kept_parameters): what the adapter keeps after allocation
 
 
 def architecture_of(model: nn.Module) -> str:
@@ -186,13 +190,15 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 
 
 def check_lora(model: nn.Module, method: MethodSettings) -> list[str]:
-    """The modules LoRA will adapt, after checking that the targets exist and r fits every one of them.
+    """The modules LoRA will adapt, after checking that the targets exist and r (AdaLoRA: its initial rank) fits every
+    one of them.
 
     Works on a model built on the meta device, so a sweep can check every run before training any."""
     targets = resolve_targets(model, method.targets)
     smallest = min(min(shape(model.get_submodule(n))) for n in targets)
-    if method.r > smallest:
-        raise UserError(f"method.r={method.r} is larger than the smallest adapted matrix allows; use r <= {smallest}")
+    key, rank = ("init_r", method.initial_r) if method.name == "adalora" else ("r", method.r)
+    if rank > smallest:
+        raise UserError(f"method.{key}={rank} is larger than the smallest adapted matrix allows; use {key} <= {smallest}")
     return targets
 
 
@@ -227,7 +233,8 @@ def _read_rank_pattern(source) -> dict:
 
 def resolve_rank_pattern(model: nn.Module, method: MethodSettings, targets: list[str]) -> dict[str, int] | None:
     """Every adapted module's rank from `method.rank_pattern` (keys: module names or suffixes, as in `targets`;
-    modules it does not name get `method.r`); None when there is no pattern or it gives every module `method.r`."""
+    modules it does not name get `method.r`; rank 0 leaves a module unadapted, as an allocator may); None when there
+    is no pattern or it gives every module `method.r`."""
     if not method.rank_pattern:
         return None
     ranks = dict.fromkeys(targets, method.r)
@@ -238,8 +245,8 @@ def resolve_rank_pattern(model: nn.Module, method: MethodSettings, targets: list
         for name in matched:
             module = model.get_submodule(name)
             largest = min(shape(module))
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= largest:
-                raise UserError(f"method.rank_pattern gives {name} rank {rank!r}; it must be an integer in 1..{largest}")
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= largest:
+                raise UserError(f"method.rank_pattern gives {name} rank {rank!r}; it must be an integer in 0..{largest}")
             ranks[name] = rank
     return ranks if any(rank != method.r for rank in ranks.values()) else None
 
@@ -255,7 +262,7 @@ class LoraPlan:
 
     method: MethodSettings  # as trained: `r` with match_budget folded in, `rank_pattern` the per-module ranks or None
     targets: list[str]  # full names of the adapted modules
-    ranks: dict[str, int]  # every adapted module's rank
+    ranks: dict[str, int]  # every adapted module's rank (AdaLoRA: its initial rank)
 
     def alphas(self) -> dict[str, float]:
         """Each module's alpha, keeping the uniform run's scale per direction: alpha / r, or alpha / sqrt(r) under rsLoRA."""
@@ -272,11 +279,20 @@ def resolve_lora(model: nn.Module, method: MethodSettings) -> LoraPlan:
     targets = check_lora(model, method)
     pattern = resolve_rank_pattern(model, method, targets)
     method = dataclasses.replace(method, rank_pattern=pattern)
-    return LoraPlan(method, targets, pattern or dict.fromkeys(targets, method.r))
+    if pattern:
+        targets = [name for name in targets if pattern[name] > 0]
+        if not targets:
+            raise UserError("method.rank_pattern gives every adapted module rank 0: nothing would be trained")
+        pattern = {name: pattern[name] for name in targets}
+        method = dataclasses.replace(method, rank_pattern=pattern)
+    uniform = method.initial_r if method.name == "adalora" else method.r
+    return LoraPlan(method, targets, pattern or dict.fromkeys(targets, uniform))
 
 
-def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tuple[nn.Module, list[str]]:
-    """Wrap `model` for the method; returns it and the names of the adapted matrices (empty for full FT)."""
+def apply_method(model: nn.Module, method: MethodSettings, task_type: str, steps: int | None = None) -> tuple[nn.Module, list[str]]:
+    """Wrap `model` for the method; returns it and the names of the adapted matrices (empty for full FT). AdaLoRA's
+    schedule needs the run's optimizer `steps`. An EVA run's A matrices are drawn here and replaced by initialize_eva
+    before training."""
     if method.name == "full":
         for parameter in model.parameters():
             parameter.requires_grad_(True)
@@ -285,16 +301,25 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tu
     m, patterned = plan.method, plan.method.rank_pattern or {}
     names = [name for name, _ in model.named_modules()]
     heads = [head for head in HEADS[architecture_of(model)] if any(_matches(name, head) for name in names)]
+    common = dict(task_type=task_type, lora_dropout=m.dropout, target_modules=plan.targets, modules_to_save=heads or None)
+    if m.name == "adalora":
+        if steps is None:
+            raise ValueError("AdaLoRA's schedule needs the run's number of optimizer steps")
+        tinit, tfinal = m.adalora_schedule(steps)
+        # scale alpha / init_r per direction, as uniform LoRA's alpha / r (PEFT's AdaLoRA divides by the initial rank)
+        config = AdaLoraConfig(**common, init_r=m.initial_r, target_r=m.r, lora_alpha=m.effective_alpha * m.initial_r / m.r,
+                               tinit=tinit, tfinal=tfinal, deltaT=m.deltaT, beta1=m.beta1, beta2=m.beta2,
+                               orth_reg_weight=m.orth_reg_weight, total_step=steps)
+        return get_peft_model(model, config), plan.targets
     config = LoraConfig(
-        task_type=task_type,
+        **common,
         r=m.r,
         lora_alpha=m.effective_alpha,
-        lora_dropout=m.dropout,
-        target_modules=plan.targets,
         use_rslora=m.use_rslora,
         use_dora=m.use_dora,
         init_lora_weights=_init_value(m.init),
-        modules_to_save=heads or None,  # the family's head modules this model has (none on a causal LM)
+        # EVA: the mask PEFT takes the activations under; a label mask only where labels are per token (a causal LM)
+        eva_config=EvaConfig(rho=m.eva_rho, tau=m.eva_tau, use_label_mask=task_type == "CAUSAL_LM") if m.eva else None,
         # full names, anchored by PEFT's matcher
         rank_pattern={re.escape(name): rank for name, rank in patterned.items()},
         alpha_pattern={re.escape(name): alpha for name, alpha in plan.alphas().items() if name in patterned},
@@ -302,8 +327,55 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str) -> tu
     return get_peft_model(model, config), plan.targets
 
 
-def count_parameters(model: nn.Module, base_total: int, method: str) -> ParamCounts:
-    """Parameter counts by role. `base_total` is counted before PEFT adds adapters and head copies."""
+def initialize_eva(model: nn.Module, batches: list[dict[str, torch.Tensor]], before_forward: Callable[[], None]) -> None:
+    """EVA (PEFT's initialize_lora_eva_weights): A from the right singular vectors of each adapted module's inputs on
+    `batches` (training batches only, cycled until the components converge), and the ranks redistributed across
+    modules by explained variance. `before_forward` runs before each forward of the pass (the memory probe's)."""
+    def forward(module: nn.Module, inputs: dict[str, torch.Tensor]):
+        before_forward()
+        return module(**inputs)
+
+    initialize_lora_eva_weights(model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
+
+
+def adalora_step(model: nn.Module, method: MethodSettings):
+    """The call AdaLoRA's budget needs after every update (None for other methods): PEFT's update_and_allocate."""
+    if method.name != "adalora":
+        return None
+    return model.base_model.update_and_allocate
+
+
+def allocated_ranks(model: nn.Module, method: MethodSettings, targets: list[str]) -> dict[str, int] | None:
+    """Each target module's rank as an allocator left it (0: dropped), None for a run whose ranks were fixed up front.
+
+    AdaLoRA: the singular values its last allocation kept (PEFT's rank_pattern, a mask per module; before the first
+    allocation, every module at init_r). EVA: the rank each module was given (a module EVA gave rank 0 is no longer
+    a LoRA layer)."""
+    if method.name == "adalora":
+        masks = model.peft_config["default"].rank_pattern or {}
+        kept = {re.sub(r"\.lora_E(\.default)?$", "", key): int(sum(mask)) for key, mask in masks.items()}
+        return {name: kept.get(name, method.initial_r) for name in targets}
+    if method.eva:
+        base = model.get_base_model()
+        return {name: base.get_submodule(name).r["default"] if isinstance(base.get_submodule(name), LoraLayer) else 0
+                for name in targets}
+    return None
+
+
+def kept_parameters(model: nn.Module, ranks: dict[str, int]) -> int:
+    """Adapter parameters of `ranks` as plain LoRA: Σ rank × (d + k). What an allocator's choice keeps, and exactly what its
+    exported rank pattern trains (AdaLoRA's singular values fold into B)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    total = 0
+    for name, rank in ranks.items():
+        module = base.get_submodule(name)
+        total += rank * width(module.get_base_layer() if hasattr(module, "get_base_layer") else module)
+    return total
+
+
+def count_parameters(model: nn.Module, base_total: int, method: str, ranks: dict[str, int] | None = None) -> ParamCounts:
+    """Parameter counts by role. `base_total` is counted before PEFT adds adapters and head copies; `ranks` (each adapted
+    module's final rank) gives what the adapter keeps."""
     named = list(model.named_parameters())
     trainable = sum(p.numel() for _, p in named if p.requires_grad)
     if method == "full":
@@ -312,4 +384,5 @@ def count_parameters(model: nn.Module, base_total: int, method: str) -> ParamCou
         return ParamCounts(total=base_total, trainable=trainable, adapter=0, head=head)
     adapter = sum(p.numel() for n, p in named if p.requires_grad and "lora_" in n)
     head = sum(p.numel() for n, p in named if p.requires_grad and "modules_to_save" in n)
-    return ParamCounts(total=base_total, trainable=trainable, adapter=adapter, head=head)
+    kept = kept_parameters(model, ranks) if ranks is not None else None
+    return ParamCounts(total=base_total, trainable=trainable, adapter=adapter, head=head, kept=kept)

@@ -13,7 +13,7 @@ benchmarks/memory_model.py compares the two. No constant here is fitted: each te
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -116,7 +116,10 @@ def architecture_source(settings: Settings) -> str:
 
 
 def build(settings: Settings, method: MethodSettings, precision: Precision) -> nn.Module:
-    """The model a run of `method` trains, on the meta device (no weights read), in the precision's weight dtype."""
+    """The model a run of `method` trains, on the meta device (no weights read), in the precision's weight dtype.
+    AdaLoRA's peak is that of LoRA at its initial rank (it prunes by masking, never shrinking a matrix)."""
+    if method.name == "adalora":
+        method = replace(method, name="lora", r=method.initial_r, alpha_policy="fixed")
     model, _ = adapters.apply_method(base(settings, precision), method, family_for(settings).TASK_TYPE)
     return model
 
@@ -265,10 +268,12 @@ def estimate(settings: Settings, method: MethodSettings) -> Estimate:
     grads = sum(p.numel() * p.element_size() for p in trainable)
     state = {"adamw": 2 * grads, "adamw_8bit": sum(2 * p.numel() for p in trainable), "sgd": 0}[est.optimizer]  # two moments:
     # AdamW's in the parameter's dtype, 8-bit AdamW's one byte each
+    if method.name == "adalora":  # its allocator's sensitivity, its EMA and the EMA of its uncertainty, per adapter weight
+        state += 3 * grads
     scratch = adamw_scratch(trainable, est.device) if est.optimizer == "adamw" else 0
     shape = shape_of(model, settings, batch, seq)
     trained, adapted = trained_kinds(model)
-    r = 0 if full else method.r
+    r = 0 if full else method.initial_r if method.name == "adalora" else method.r
     kept, transient = activation_bytes(shape, trained, adapted, full, r, precision, est.gradient_checkpointing)
     accumulated = grads if settings.train.grad_accum > 1 else 0  # earlier micro-batches' gradients are live in the last backward
     head = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
@@ -276,7 +281,7 @@ def estimate(settings: Settings, method: MethodSettings) -> Estimate:
     at_backward = weights + state + max(accumulated, head) + kept + transient + copies
     at_step = weights + state + grads + scratch
     flops = step_flops(model, shape, est.gradient_checkpointing) * settings.train.grad_accum
-    label = "full FT" if full else f"LoRA r={method.r} {method.targets}"
+    label = "full FT" if full else f"{'AdaLoRA' if method.name == 'adalora' else 'LoRA'} r={method.r} {method.targets}"
     common = dict(label=label, params=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trainable),
                   weights=weights, optimizer=state, all_gradients=grads, flops=flops,
                   seconds=flops / (est.device_tflops * 1e12 * est.utilization))
@@ -309,9 +314,9 @@ def step_flops(model: nn.Module, s: Shape, checkpointing: bool) -> float:
 def both(settings: Settings) -> list[Estimate]:
     """The configured method and, for a LoRA method, the full FT it would be paired with."""
     method = settings.method
-    if method.name == "lora":
+    if method.name != "full":
         method = adapters.resolve_lora(base(settings, PRECISIONS["fp32"]), method).method  # the rank a run would train
     out = [estimate(settings, method)]
-    if method.name == "lora":
+    if method.name != "full":
         out.append(estimate(settings, settings.baseline))
     return out

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, set_seed
 
-from lora_sweep import adapters, batching, data, distributed, forgetting, identity, records
+from lora_sweep import adapters, batching, data, distributed, forgetting, identity, memory, records
 from lora_sweep.errors import UserError, file_errors, one_line
 from lora_sweep.evaluation import evaluate_split
 from lora_sweep.hub import model_source, resolve_model
@@ -24,7 +24,7 @@ from lora_sweep.runtime import resolve_device, resolve_threads
 from lora_sweep.settings import MethodSettings, Settings
 from lora_sweep.task_family import TaskFamily, family_for
 from lora_sweep.tracking import Tracker
-from lora_sweep.train import fit, loss_trend, total_steps
+from lora_sweep.train import fit, loss_trend
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -49,7 +49,7 @@ def plan(settings: Settings) -> Plan:
     skeleton = family.load_model(path, settings, meta=True)
     _check_positions(skeleton.config, settings)
     method, targets, ranks = settings.method, None, None
-    if method.name == "lora":
+    if method.name != "full":
         lora = adapters.resolve_lora(skeleton, method)
         method, targets, ranks = lora.method, lora.targets, lora.method.rank_pattern
     ident = identity.experiment_identity(settings, method, targets, model_source(settings.model.name_or_path, path, settings.model.revision),
@@ -80,7 +80,7 @@ def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) ->
     p = plan(settings)
     distributed.start(settings.train, p.device, settings.task.generate_examples)
     baseline = None
-    if settings.method.name == "lora" and settings.pair_baseline:
+    if settings.method.name != "full" and settings.pair_baseline:
         baseline = run(baseline_settings(settings), parallel_jobs, sweep)
     with distributed.main_only(records.run_lock(settings.runs_dir, p.run_id)):
         existing = distributed.from_main(records.read_record(settings.runs_dir, p.run_id) if distributed.is_main() else None)
@@ -94,15 +94,20 @@ def run(settings: Settings, parallel_jobs: int = 1, sweep: str | None = None) ->
     return record
 
 
+def adapter_label(method: MethodSettings) -> str:
+    """How a run's adapter is named in logs: LoRA, LoRA (EVA init) or AdaLoRA."""
+    return {"adalora": "AdaLoRA"}.get(method.name, "LoRA (EVA init)" if method.eva else "LoRA")
+
+
 def describe(p: Plan) -> str:
     settings, m = p.settings, p.method
-    what = "full FT" if m.name == "full" else f"LoRA r={m.r} {m.scaling_label} targets={m.targets}"
+    what = "full FT" if m.name == "full" else f"{adapter_label(m)} r={m.r} {m.scaling_label} targets={m.targets}"
     return f"{settings.model.name} {settings.task.name} {what} lr={m.lr:g} seed={settings.train.seed}"
 
 
 def _base_record(p: Plan, baseline: RunRecord | None, threads: int, sweep: str | None) -> RunRecord:
     s, m = p.settings, p.method
-    lora = m.name == "lora"
+    lora = m.name != "full"
     return {
         "schema_version": records.SCHEMA_VERSION,
         "run_id": p.run_id,
@@ -186,19 +191,20 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> RunRecord:
     """The measured half of the record: build the model, train it on the run's batches, evaluate it, save it."""
     s = p.settings
     tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
-    model, adapted, counts, probe = _model(p, tokenizer)
     start = time.perf_counter()
     tokens, cached = data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
     prep_seconds = time.perf_counter() - start
     collate = p.family.collator(tokenizer)
     train_set = tokens["train"].remove_columns("id")
-    steps = total_steps(s.train, len(train_set))
+    steps = s.train.total_steps(len(train_set))
     schedule = batching.train_plan([len(ids) for ids in train_set["input_ids"]], s.train.batch_size, steps, s.train.grad_accum,
                                    s.train.seed, s.train.batching, s.train.micro_batch_floor)
     accelerator = distributed.make_accelerator(p.device, s.train.distributed)
-    distributed.seed_dropout(s.train.seed)
+    model, adapted, base_total, probe = _model(p, tokenizer, steps)
     if p.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    eva = _initialize_eva(p, model, train_set, schedule, collate, accelerator.device) if p.method.eva else {}
+    distributed.seed_dropout(s.train.seed)
     curve: list[CurvePoint] = []
 
     def tune_checkpoint(step: int) -> None:
@@ -206,16 +212,21 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> RunRecord:
         curve.append({"step": step, "metrics": split["metrics"], "outputs": split["examples"]["outputs"]})
 
     result = fit(accelerator, model, train_set, collate, schedule, p.method, s.train, on_log=tracker.log_loss,
-                 checkpoints=curve_steps(s.train.curve_points, steps), on_checkpoint=tune_checkpoint)
+                 checkpoints=curve_steps(s.train.curve_points, steps), on_checkpoint=tune_checkpoint,
+                 after_update=adapters.adalora_step(model, p.method))
+    allocated = adapters.allocated_ranks(model, p.method, adapted) if adapted else None
+    final = allocated or p.method.rank_pattern or dict.fromkeys(adapted, p.method.r)
+    counts = adapters.count_parameters(model, base_total, p.method.name, final if adapted else None)
     out: RunRecord = {
-        "adapted_modules": adapted, "params": dataclasses.asdict(counts), "loss_curve": result.loss_curve,
-        "budget": loss_trend(result.step_losses), "memory": _memory_fields(accelerator, p.device, result),
+        "adapted_modules": adapted, "allocated_ranks": allocated, "params": dataclasses.asdict(counts),
+        "loss_curve": result.loss_curve, "budget": loss_trend(result.step_losses),
+        "memory": {**_memory_fields(accelerator, p.device, result), **eva.get("memory", {})},
         "processes": {"mode": s.train.distributed, "world_size": accelerator.num_processes,
                       "per_process_batch": s.train.batch_size // accelerator.num_processes, "grad_accum": s.train.grad_accum,
                       "global_batch": s.train.batch_size * s.train.grad_accum},
         "train_examples": len(train_set), "tune_examples": len(tokens["tune"]), "eval_examples": len(tokens["dev"]),
         "tokens": {"train": batching.token_summary(result.real_tokens, result.computed_tokens)},
-        "micro_batches": len(schedule.batches), "time": _times(result, prep_seconds, cached),
+        "micro_batches": len(schedule.batches), "time": {**_times(result, prep_seconds, cached), **eva.get("time", {})},
     }
     if result.diverged_at is not None:
         return {**out, "status": "diverged", "diverged_at_step": result.diverged_at, "error": result.divergence}
@@ -226,17 +237,33 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> RunRecord:
     return out
 
 
-def _model(p: Plan, tokenizer) -> tuple[torch.nn.Module, list[str], adapters.ParamCounts, forgetting.Probe]:
-    """The model as the method trains it (seeded before the head and the adapter are drawn: same seed, same run),
-    the adapted modules, the parameter counts, and the forgetting probe measured on the base weights."""
+def _model(p: Plan, tokenizer, steps: int) -> tuple[torch.nn.Module, list[str], int, forgetting.Probe]:
+    """The model as the method trains it for `steps` (seeded before the head and the adapter are drawn: same seed, same
+    run), the adapted modules, the base model's parameter count, and the forgetting probe measured on the base weights."""
     s = p.settings
     set_seed(s.train.seed)
     model = p.family.load_model(p.model_path, s)
     base_total = sum(p_.numel() for p_ in model.parameters())
     probe = forgetting.Probe(s, p.identity["config"]["model"], p.device)
     probe.before(model.to(p.device), tokenizer)
-    model, adapted = adapters.apply_method(model, p.method, p.family.TASK_TYPE)
-    return model, adapted, adapters.count_parameters(model, base_total, p.method.name), probe
+    model, adapted = adapters.apply_method(model, p.method, p.family.TASK_TYPE, steps)
+    return model, adapted, base_total, probe
+
+
+def _initialize_eva(p: Plan, model: torch.nn.Module, train_set, schedule: batching.Plan, collate, device) -> dict[str, Any]:
+    """EVA's data pass on the run's own first training batches (the plan's order, up to method.eva_examples examples;
+    never tuning or eval data), its time and (with train.memory_probe, whose bookkeeping the time then includes) its
+    peak tensor memory recorded as part of the run's cost."""
+    order = [i for step in schedule.steps for micro in step for i in micro][:p.method.eva_examples]
+    size = p.settings.train.batch_size
+    batches = [dict(batching.load_batch(train_set, order[i:i + size], collate, device)) for i in range(0, len(order), size)]
+    start = time.perf_counter()
+    if not p.settings.train.memory_probe:
+        adapters.initialize_eva(model, batches, lambda: None)
+        return {"time": {"init_s": time.perf_counter() - start}}
+    with memory.probe(model, None, torch.device(device)) as peak:
+        adapters.initialize_eva(model, batches, peak.next_forward)
+    return {"time": {"init_s": time.perf_counter() - start}, "memory": {"init_peak_bytes": peak.peak_bytes}}
 
 
 def _evaluate(p: Plan, accelerator, model, tokenizer, tokens, collate, curve: list[CurvePoint], result,

@@ -39,6 +39,8 @@ TEXT_ONLY = ("text_column", "text_pair_column", "label_column", "problem", "metr
 INSTRUCT_FILES = ("prompt_column", "input_column", "response_column", "messages_column")  # instruct's own files (name files)
 GENERATION = ("max_new_tokens", "generate_time_limit_s")  # meaningless without generate_examples
 LORA_SCALING = ("alpha", "alpha_policy", "alpha_ratio")  # replaced by the effective alpha
+EVA_ONLY = ("eva_rho", "eva_tau", "eva_examples")  # meaningless without init=eva
+ADALORA_ONLY = ("init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight")  # meaningless for LoRA
 FULL_FT_FIELDS = ("name", "lr")
 
 
@@ -62,11 +64,16 @@ def method_identity(method: MethodSettings, targets: list[str] | None = None,
     """A method as trained: full FT is its learning rate; LoRA's alpha is the effective one, its targets the module
     names it adapts (a preset and the same modules listed by name are one experiment), and a rank pattern the rank
     of each module (`ranks`, resolved: a preset and a file of the same ranks are one experiment; no pattern, or one
-    giving every module `r`, adds nothing, so runs without one keep their ids)."""
+    giving every module `r`, adds nothing, so runs without one keep their ids). EVA's and AdaLoRA's settings count only
+    for their own runs (AdaLoRA's init_r as trained), so LoRA runs keep the ids they had before either existed."""
     fields = dataclasses.asdict(method)
     if method.name == "full":
         return {k: fields[k] for k in FULL_FT_FIELDS}
-    fields = {k: v for k, v in fields.items() if k not in (*LORA_SCALING, "match_budget", "rank_pattern")}
+    ignored = (*LORA_SCALING, "match_budget", "rank_pattern", *(() if method.eva else EVA_ONLY),
+               *(() if method.name == "adalora" else ADALORA_ONLY))
+    fields = {k: v for k, v in fields.items() if k not in ignored}
+    if method.name == "adalora":
+        fields["init_r"] = method.initial_r
     fields.update(alpha=method.effective_alpha, init=str(method.init).lower(),
                   targets=sorted(targets) if targets is not None else method.targets)
     if ranks:
@@ -104,7 +111,7 @@ def experiment_identity(settings: Settings, method: MethodSettings, targets: lis
         "train": train_identity(settings.train),
         "device": {"type": device, "precision": "bf16 autocast" if device == "cuda" else "fp32"},
     }
-    if method.name == "lora":
+    if method.name != "full":
         config["baseline"] = method_identity(settings.baseline)
     return {"config": config, "seed": settings.train.seed}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,25 +45,29 @@ class _FrozenAwareTracker(MemTracker):
 
 
 class MemoryProbe:
-    """Filled in when the `probe` context exits: `peak_bytes` and `split` (bytes per category, at the peak)."""
+    """Filled in when the `probe` context exits: `peak_bytes` and `split` (bytes per category, at the peak). Inside a
+    pass of several forwards, call `next_forward()` before each one after the first: MemTracker follows one per module."""
 
     peak_bytes: int = 0
     split: dict[str, int] = {}
+    next_forward: Callable[[], None]
 
 
 @contextmanager
-def probe(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Iterator[MemoryProbe]:
-    """Measure the peak of live tensor bytes on `device` while the body runs (one optimizer step)."""
+def probe(model: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device) -> Iterator[MemoryProbe]:
+    """Measure the peak of live tensor bytes on `device` while the body runs (one optimizer step; or, without an
+    optimizer, a pass such as EVA's before training)."""
     result = MemoryProbe()
     tracker = _FrozenAwareTracker()
-    tracker.track_external(model, optimizer)
+    result.next_forward = tracker.reset_mod_stats  # the global peak is kept
+    tracker.track_external(model, *([optimizer] if optimizer else []))
     with tracker, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Module is None")  # MemTracker's note on PEFT's wrapped modules
         yield result
     snapshot = tracker.get_tracker_snapshot("peak")
     dev_snap = next((snap for dev, snap in snapshot.items() if dev.type == device.type), {})
     split = {name: int(sum(dev_snap.get(kind, 0) for kind in kinds)) for name, kinds in SPLIT.items()}
-    state = min(split["optimizer"], _state_bytes(optimizer, device))
+    state = min(split["optimizer"], _state_bytes(optimizer, device) if optimizer else 0)
     split["other"] += split["optimizer"] - state
     split["optimizer"] = state
     result.split = split

@@ -36,8 +36,9 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-co
 class Params(TypedDict):
     total: int  # parameters of the base model
     trainable: int
-    adapter: int  # LoRA A/B matrices (and DoRA magnitudes)
+    adapter: int  # LoRA A/B matrices (and DoRA magnitudes; AdaLoRA's singular values): what is trained
     head: int  # task head parameters that are trained
+    kept: int | None  # adapters: Σ rank × (d + k) over the final ranks (an allocator's choice as plain LoRA); absent before it existed
 
 
 class LossTrend(TypedDict):
@@ -57,6 +58,7 @@ class Memory(TypedDict, total=False):
     cuda_max_allocated_bytes: int | None
     cuda_max_reserved_bytes: int | None
     per_process_peak_bytes: list[int]  # only with several processes; the fields above are the highest process's
+    init_peak_bytes: int  # only with init=eva: the probe's peak over EVA's data pass
 
 
 class Processes(TypedDict):
@@ -95,6 +97,7 @@ class Times(TypedDict, total=False):
     computed_tokens_per_s: float | None
     eval_s: float  # the final evaluation; absent for a diverged run
     curve_eval_s: float  # the learning curve's checkpoints
+    init_s: float  # only with init=eva: EVA's data pass before training, part of the run's cost
 
 
 class Artifact(TypedDict):
@@ -130,7 +133,7 @@ class RunRecord(TypedDict, total=False):
     task: str
     task_family: str
     data_source: str
-    method: str  # lora | full
+    method: str  # lora | adalora | full
     r: int | None
     alpha: float | None  # the effective alpha
     alpha_policy: str | None
@@ -139,6 +142,7 @@ class RunRecord(TypedDict, total=False):
     match_budget: str | None
     rank_pattern: dict[str, int] | None  # every adapted module's rank, where not all are `r`
     rank_pattern_source: str | None  # a preset's name, a file's stem, or "inline"
+    allocated_ranks: dict[str, int] | None  # AdaLoRA (at the end) and EVA (after its pass): each target module's rank, 0 = dropped
     lr: float
     seed: int
     baseline_run_id: str | None

@@ -9,9 +9,11 @@ added with `+` (`+method.rank=32`), is refused by `from_config`: Hydra would add
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import time
 import typing
@@ -37,7 +39,9 @@ ALPHA_POLICIES = ("fixed", "ratio")
 BATCHING = ("sorted", "random", "grouped")  # lora_sweep.batching
 DEFAULT_MIN_MICRO_BATCH = 4
 DISTRIBUTED = ("none", "ddp", "fsdp")  # one process; data parallel; fully sharded (lora_sweep.distributed)
-INIT_CHOICES = ("true", "false", "gaussian", "olora", "pissa", "orthogonal")  # not eva: it needs a data pass before training
+INIT_CHOICES = ("true", "false", "gaussian", "olora", "pissa", "orthogonal", "eva")  # eva: a pass over training batches first (adapters.initialize_eva)
+METHODS = ("lora", "adalora", "full")  # adalora: PEFT's AdaLoRA, ranks allocated during training
+ADALORA_INIT_FACTOR = 1.5  # AdaLoRA's initial budget over its target (the paper's b(0) = 1.5 b(T)) where init_r is null
 
 
 def _check(ok: bool, message: str) -> None:
@@ -115,9 +119,9 @@ class TaskSettings:
 
 @dataclass
 class MethodSettings:
-    name: str = MISSING  # lora | full
+    name: str = MISSING  # lora | adalora (ranks allocated during training) | full
     lr: float = MISSING  # peak learning rate of AdamW
-    r: int = 8  # LoRA rank
+    r: int = 8  # LoRA rank; AdaLoRA: the target average rank it prunes to (the kept budget, as uniform r's)
     alpha: float = 16.0  # LoRA alpha (alpha_policy=fixed)
     alpha_policy: str = "fixed"  # fixed: alpha as given; ratio: alpha = alpha_ratio * r
     alpha_ratio: float = 2.0
@@ -125,12 +129,24 @@ class MethodSettings:
     dropout: float = 0.0
     targets: Any = "qv"  # a preset (qv, qkvo, mlp, all_linear) or a list of module-name regexes
     use_dora: bool = False
-    init: str = "true"  # PEFT's init_lora_weights
+    init: str = "true"  # PEFT's init_lora_weights; eva: A from the SVD of activations on training batches, ranks redistributed
     match_budget: str | None = None  # a preset: choose r so the adapter is as large as that preset's at rank `r`
-    rank_pattern: Any = None  # per-module ranks (PEFT's rank_pattern): a preset in conf/rank_pattern/, a YAML/JSON file, or a mapping; others get `r`
+    rank_pattern: Any = None  # per-module ranks (PEFT's rank_pattern): a preset in conf/rank_pattern/, a YAML/JSON file, or a mapping; others get `r`, 0 leaves a module unadapted
+    # EVA (init=eva), PEFT's EvaConfig:
+    eva_rho: float = 2.0  # a module may get up to rho * r ranks (>= 1; 1 = no redistribution); the ranks still sum to r per module
+    eva_tau: float = 0.99  # the pass stops once each module's components change by less than this cosine similarity between batches
+    eva_examples: int = 512  # the pass reads the run's first training batches up to this many examples (never tuning or eval data), cycling them until converged
+    # AdaLoRA (name=adalora), PEFT's AdaLoraConfig; its schedule in fractions of the run's optimizer steps:
+    init_r: int | None = None  # initial rank of every module (the trained budget); null: ceil(1.5 * r)
+    tinit: float = 0.1  # warm-up without pruning: this fraction of the steps
+    tfinal: float = 0.2  # final fine-tuning at the pruned ranks: this fraction of the steps (pruning ends at 1 - tfinal)
+    deltaT: int = 1  # optimizer steps between two reallocations while pruning
+    beta1: float = 0.85  # EMA of the sensitivity
+    beta2: float = 0.85  # EMA of its uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality regulariser of P and Q, added to the training loss
 
     def validate(self) -> None:
-        _check(self.name in ("lora", "full"), f"method={self.name!r} is unknown; use lora or full")
+        _check(self.name in METHODS, f"method={self.name!r} is unknown; use one of {', '.join(METHODS)}")
         _check(self.lr > 0, f"method.lr={self.lr} must be > 0")
         if self.name == "full":
             return
@@ -138,8 +154,6 @@ class MethodSettings:
         _check(self.alpha_policy in ALPHA_POLICIES, f"method.alpha_policy={self.alpha_policy!r} is unknown; use one of {', '.join(ALPHA_POLICIES)}")
         _check(self.effective_alpha > 0, f"method alpha={self.effective_alpha} must be > 0")
         _check(0 <= self.dropout < 1, f"method.dropout={self.dropout} must be in [0, 1)")
-        _check(str(self.init).lower() != "eva", "method.init=eva is not supported (PEFT's EVA initialisation needs a pass over "
-               f"the training data before training); use one of {', '.join(INIT_CHOICES)}")
         _check(str(self.init).lower() in INIT_CHOICES, f"method.init={self.init!r} is unknown; use one of {', '.join(INIT_CHOICES)}")
         if isinstance(self.targets, str):
             _check(self.targets in TARGET_PRESETS, f"method.targets={self.targets!r} is not a preset; use one of {', '.join(TARGET_PRESETS)} or a list of module names")
@@ -150,6 +164,46 @@ class MethodSettings:
                f"method.match_budget={self.match_budget!r} is not a preset; use one of {', '.join(TARGET_PRESETS)} or null")
         _check(not (self.rank_pattern and self.match_budget), "method.rank_pattern and method.match_budget cannot be combined: "
                "a rank pattern sets its own budget")
+        if self.eva:
+            _check(self.eva_rho >= 1, f"method.eva_rho={self.eva_rho} must be >= 1 (a module may get up to rho * r ranks; 1: none moves)")
+            _check(0 < self.eva_tau <= 1, f"method.eva_tau={self.eva_tau} must be in (0, 1]")
+            _check(self.eva_examples >= 1, f"method.eva_examples={self.eva_examples} must be >= 1")
+            _check(not self.use_dora, "method.init=eva with use_dora=true is not supported; use one of them")
+        if self.name == "adalora":
+            self._validate_adalora()
+
+    def _validate_adalora(self) -> None:
+        _check(self.initial_r >= self.r, f"method.r={self.r} (AdaLoRA's target rank) is above method.init_r={self.initial_r}; "
+               f"AdaLoRA prunes from init_r down to r: use init_r >= {self.r}")
+        _check(0 <= self.tinit < 1 and 0 <= self.tfinal < 1, f"method.tinit={self.tinit} and method.tfinal={self.tfinal} are fractions "
+               "of the run's steps: each must be in [0, 1)")
+        _check(self.tinit + self.tfinal < 1, f"method.tinit + method.tfinal = {self.tinit + self.tfinal:g} leaves no steps to prune "
+               "ranks in; their sum must be below 1")
+        _check(self.deltaT >= 1, f"method.deltaT={self.deltaT} must be >= 1 (optimizer steps between reallocations)")
+        _check(0 < self.beta1 < 1 and 0 < self.beta2 < 1, f"method.beta1={self.beta1} and method.beta2={self.beta2} must be in (0, 1)")
+        _check(self.orth_reg_weight >= 0, f"method.orth_reg_weight={self.orth_reg_weight} must be >= 0")
+        for clash, why in ((self.use_dora, "DoRA"), (self.rank_pattern, "a rank pattern (AdaLoRA chooses the ranks)"),
+                           (str(self.init).lower() == "eva", "init=eva (AdaLoRA has its own initialisation)")):
+            _check(not clash, f"method=adalora does not combine with {why}; use method=lora for it")
+
+    @property
+    def eva(self) -> bool:
+        """Whether this LoRA run is initialised by EVA (a data pass before training)."""
+        return self.name == "lora" and str(self.init).lower() == "eva"
+
+    @property
+    def initial_r(self) -> int:
+        """AdaLoRA's initial rank of every module: init_r, or ceil(1.5 * r) where it is null."""
+        return self.init_r or math.ceil(ADALORA_INIT_FACTOR * self.r)
+
+    def adalora_schedule(self, steps: int) -> tuple[int, int]:
+        """(tinit, tfinal) in optimizer steps for a run of `steps`; an error where no step is left to prune in."""
+        tinit, tfinal = round(self.tinit * steps), round(self.tfinal * steps)
+        prune, need = steps - tfinal - tinit, max(2, self.deltaT)  # PEFT scores importance on steps before the last allocation
+        _check(prune >= need, f"method.tinit={self.tinit:g} and method.tfinal={self.tfinal:g} of a {steps}-step run leave {prune} "
+               f"to prune ranks in; AdaLoRA needs at least {need} (2, or method.deltaT={self.deltaT} if more): train longer or "
+               "lower tinit, tfinal or deltaT")
+        return tinit, tfinal
 
     @property
     def effective_alpha(self) -> float:
@@ -186,6 +240,12 @@ class TrainSettings:
     distributed: str = "none"  # none | ddp | fsdp: how the processes of one run (torchrun, accelerate launch, SLURM) share it
     forgetting_examples: int = 160  # forgetting probe (lora_sweep.forgetting): STS-B dev pairs or texts, a fixed seeded subset (1 thread: MiniLM ~2.5 s, SmolLM2-135M ~11 s); 0 = off
     forgetting_file: str | None = None  # the probe's data: null = STS-B/dev.tsv of the GLUE folder; a decoder reads a text file, one document a line
+
+    def total_steps(self, examples: int) -> int:
+        """Optimizer steps of a run on `examples` training examples: max_steps, or `epochs` passes."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * math.ceil(examples / self.batch_size) / self.grad_accum))
 
     @property
     def micro_batch_floor(self) -> int:
@@ -306,6 +366,16 @@ class Settings:
         for part in (self.task, self.method, self.baseline, self.train, self.logger, self.estimate):
             part.validate()
         _check(self.baseline.name == "full", f"baseline must be a full fine-tuning method, not {self.baseline.name!r}")
+        if self.method.name == "adalora" and self.train.max_steps > 0:
+            self.method.adalora_schedule(self.train.max_steps)
+
+    def check_training_split(self, examples: int) -> None:
+        """The checks that need the training split's size (known once the data is read, before any run trains)."""
+        if self.method.eva:
+            _check(self.method.eva_examples <= examples, f"method.eva_examples={self.method.eva_examples} is more than the "
+                   f"{examples} training examples; use method.eva_examples <= {examples}")
+        if self.method.name == "adalora":
+            self.method.adalora_schedule(self.train.total_steps(examples))
 
 
 @functools.cache
@@ -314,12 +384,28 @@ def _stamp() -> str:
     return time.strftime("%Y-%m-%d/%H-%M-%S-") + uuid.uuid4().hex[:6]
 
 
+FALLBACK_RANK = 8  # the rank an allocator comparison is budgeted at when the grid recommends none (conf/method/lora.yaml's r)
+
+
+def recommended_rank(table: str, task: str, model: str, targets: str) -> int:
+    """`${recommended_rank:...}` (conf/sweep/autorank.yaml): the uniform rank a grid's analysis recommended for this task,
+    model and targets (its recommendation table, lora-analyze's tables/recommendation.csv), else FALLBACK_RANK."""
+    path = Path(table)
+    if path.is_file():
+        with path.open(encoding="utf-8", newline="") as handle:
+            for row in csv.DictReader(handle):
+                if (row["task"], row["model"], row["targets"]) == (task, model, str(targets)) and row.get("r"):
+                    return int(float(row["r"]))
+    return FALLBACK_RANK
+
+
 def register() -> None:
     """Make `Settings` the schema Hydra validates `conf/config.yaml` against, and `${stamp:}` (conf/config.yaml's
-    output folders) resolvable. Hydra copies a resolved value into each job's config (as it does `${now:}`), so
-    jobs in other processes name the folder the sweep's own process named."""
+    output folders) and `${recommended_rank:}` resolvable. Hydra copies a resolved value into each job's config (as it
+    does `${now:}`), so jobs in other processes name the folder the sweep's own process named."""
     ConfigStore.instance().store(name="settings_schema", node=Settings)
     OmegaConf.register_new_resolver("stamp", _stamp, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("recommended_rank", recommended_rank, replace=True)
 
 
 def unknown_key(path: str) -> str | None:

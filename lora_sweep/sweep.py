@@ -110,7 +110,7 @@ def start(argv: list[str]) -> Sweep | None:
     preflight(plans)
     baselines = {}
     for plan in plans:
-        if plan.settings.method.name == "lora" and plan.settings.pair_baseline:
+        if plan.settings.method.name != "full" and plan.settings.pair_baseline:
             baseline = experiment.baseline_settings(plan.settings)
             baselines.setdefault(experiment.plan(baseline).run_id, baseline)
     print(f"[sweep] {len(plans)} runs ({len({p.run_id for p in plans})} distinct) and {len(baselines)} full-FT baseline(s)")
@@ -140,19 +140,20 @@ def preflight(plans: list[Plan]) -> None:
 
 def _read_data(plans: list[Plan]) -> None:
     """Read every distinct data set once, as the runs will, into the token cache they load it from: a malformed or
-    missing file stops the sweep before any job, at no extra cost (the runs then start from the cached tokens)."""
+    missing file stops the sweep before any job, at no extra cost (the runs then start from the cached tokens); and
+    check each run against its training split's size (EVA's pass, AdaLoRA's schedule over an epoch budget)."""
     from transformers import AutoTokenizer
 
     from lora_sweep import data
 
-    seen = set()
+    train_examples = {}
     for p in plans:
         s = p.settings
         key = (s.cache_dir, data.cache_key(p.family, s, p.source, data.tokenizer_id(s)))
-        if key not in seen:
-            seen.add(key)
+        if key not in train_examples:
             tokenizer = AutoTokenizer.from_pretrained(p.model_path, revision=s.model.revision)
-            data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))
+            train_examples[key] = len(data.prepare(p.family, s, p.source, tokenizer, data.tokenizer_id(s))[0]["train"])
+        s.check_training_split(train_examples[key])
 
 
 def _check_writable(folder: str) -> None:

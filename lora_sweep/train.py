@@ -48,12 +48,6 @@ class TrainResult:
     grad_bytes_after_backward: int | None = None  # gradients held when the probed step's backward ends
 
 
-def total_steps(train: TrainSettings, examples: int) -> int:
-    if train.max_steps > 0:
-        return train.max_steps
-    return max(1, math.ceil(train.epochs * math.ceil(examples / train.batch_size) / train.grad_accum))
-
-
 def optimizer_for(model: nn.Module, method: MethodSettings, train: TrainSettings) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with weight decay on weight matrices only."""
     decay = set(get_parameter_names(model, [nn.LayerNorm], NO_DECAY))
@@ -107,6 +101,7 @@ def fit(
     on_log: Callable[[int, float], None] | None = None,
     checkpoints: Collection[int] = (),
     on_checkpoint: Callable[[int], None] | None = None,
+    after_update: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place: one optimizer step per step of the plan, whatever its number of micro-batches.
 
@@ -114,7 +109,8 @@ def fit(
     causal LM's predicted tokens), so the step's gradient is that of the step's whole batch however it was cut.
     `on_checkpoint(step)` is called after each step in `checkpoints` (the learning curve evaluates there); training
     resumes in train mode, and since evaluation draws no random numbers it does not change the run. Its time is
-    kept apart from training's."""
+    kept apart from training's. `after_update(step)` runs after each update while the gradients are still there
+    (AdaLoRA's reallocation reads them); its time is training's."""
     steps = len(plan.steps)
     optimizer = optimizer_for(model, method, train)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(train.warmup_ratio * steps), steps)
@@ -151,6 +147,8 @@ def fit(
             if train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, train.max_grad_norm)
             optimizer.step()
+            if after_update:
+                after_update(step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         if probing:

@@ -112,7 +112,7 @@ def test_a_rank_pattern_trains_each_module_at_its_rank_with_the_uniform_scale(tm
     assert len(lora_deltas(model)) == 4
 
 
-@pytest.mark.parametrize("content,message", [("nothing.here: 2\n", "not an adapted module"), ("query: 0\n", "integer in 1..64"),
+@pytest.mark.parametrize("content,message", [("nothing.here: 2\n", "not an adapted module"), ("query: -1\n", "integer in 0..64"),
                                               ("- a\n- b\n", "must hold a mapping"), ("query: [\n", "not YAML or JSON")])
 def test_a_bad_rank_pattern_is_one_error_naming_the_problem(tmp_path, content, message):
     pattern = tmp_path / "pattern.yaml"

@@ -29,6 +29,8 @@ INSTRUCT = ("model.name_or_path={llama}", "task=instruct/alpaca")
 GENERATING = (*INSTRUCT, "task.generate_examples=2")
 FULL = ("method=full",)
 RATIO = ("method.alpha_policy=ratio",)
+EVA = ("method.init=eva",)
+ADALORA = ("method=adalora",)
 NO_STEPS = ("train.max_steps=-1",)
 TEXT = ("task=text/classification", "task.train_file={own}", "task.heldout_examples=10", "task.tune_examples=10")
 SCORE = (*TEXT, "task.label_column=score")
@@ -103,6 +105,14 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
                          ((), ("method.rank_pattern={tmp}/uniform.yaml",), SAME),
                          (("method.rank_pattern={tmp}/pattern.yaml",), ("method.rank_pattern={tmp}/pattern_by_suffix.json",), SAME),
                          (FULL, (*FULL, "method.rank_pattern={tmp}/pattern.yaml"), SAME)],
+        # EVA's settings define an EVA run only; AdaLoRA's an AdaLoRA run only (its init_r as trained)
+        **{name: [((), (f"method.{name}={value}",), SAME), (EVA, (*EVA, f"method.{name}={value}"), DIFFERS)]
+           for name, value in {"eva_rho": 1.5, "eva_tau": 0.9, "eva_examples": 64}.items()},
+        **{name: [((), (f"method.{name}={value}",), SAME), (ADALORA, (*ADALORA, f"method.{name}={value}"), DIFFERS),
+                  (FULL, (*FULL, f"method.{name}={value}"), SAME)]
+           for name, value in {"tinit": 0.05, "tfinal": 0.1, "deltaT": 2, "beta1": 0.9, "beta2": 0.9, "orth_reg_weight": 0.1}.items()},
+        "init_r": [((), ("method.init_r=16",), SAME), (ADALORA, (*ADALORA, "method.init_r=16"), DIFFERS),
+                   (ADALORA, (*ADALORA, "method.init_r=12"), SAME)],  # null stands for ceil(1.5 r) = 12: as trained
     },
     "baseline": {  # the full-FT method a LoRA run is paired with: only its learning rate defines it
         "name": [],  # anything but full is refused: test_a_baseline_that_is_not_full_fine_tuning_is_refused
@@ -110,7 +120,8 @@ TABLE: dict[str, dict[str, list[tuple[tuple[str, ...], tuple[str, ...], str]]]] 
         **{name: [((), (f"baseline.{name}={value}",), SAME)] for name, value in {
             "r": 4, "alpha": 32, "alpha_policy": "ratio", "alpha_ratio": 4, "use_rslora": "true", "dropout": 0.1,
             "targets": "qkvo", "use_dora": "true", "init": "gaussian", "match_budget": "qkvo",
-            "rank_pattern": "{tmp}/pattern.yaml"}.items()},
+            "rank_pattern": "{tmp}/pattern.yaml", "eva_rho": 1.5, "eva_tau": 0.9, "eva_examples": 64, "init_r": 16, "tinit": 0.05,
+            "tfinal": 0.1, "deltaT": 2, "beta1": 0.9, "beta2": 0.9, "orth_reg_weight": 0.1}.items()},
     },
     "train": {
         **{name: [((), (f"train.{name}={value}",), DIFFERS)] for name, value in {

@@ -58,7 +58,7 @@ def run(tokenizer, monkeypatch, examples=10, method=FULL, dropout=0.1, **setting
     data = sst2(tokenizer, examples)
     lengths = [len(ids) for ids in data["input_ids"]]
     cfg = TrainSettings(memory_probe=False, log_every=1, **settings)
-    steps = train.total_steps(cfg, len(data))
+    steps = cfg.total_steps(len(data))
     plan = batching.train_plan(lengths, cfg.batch_size, steps, cfg.grad_accum, cfg.seed, cfg.batching, cfg.micro_batch_floor)
     torch.manual_seed(0)
     config = tiny_bert_config()
@@ -173,7 +173,7 @@ def test_the_learning_curve_checkpoints_do_not_change_training(tokenizer, monkey
 
 def test_epochs_decide_the_steps_when_max_steps_is_off(tokenizer, monkeypatch):
     # 2 epochs of ceil(10 / 4) = 3 micro-batches, 2 per step: ceil(6 / 2) = 3 steps
-    assert train.total_steps(TrainSettings(batch_size=4, grad_accum=2, max_steps=-1, epochs=2), 10) == 3
+    assert TrainSettings(batch_size=4, grad_accum=2, max_steps=-1, epochs=2).total_steps(10) == 3
     result, recorder, plan, forwards = run(tokenizer, monkeypatch, batch_size=4, grad_accum=2, max_steps=-1, epochs=2, batching="random")
     assert result.steps == 3 and len(recorder.lrs) == 3 and forwards == 6
 

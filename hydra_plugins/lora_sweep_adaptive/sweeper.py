@@ -135,7 +135,7 @@ def check(config: DictConfig, plans: list, compose: Callable[[list[str]], Any]) 
     g = grid(config, list(config.hydra.overrides.task))
     if not g.settings.adaptive:
         return
-    lora = [p for p in plans if p.settings.method.name == "lora"]
+    lora = [p for p in plans if p.settings.method.name != "full"]
     if not lora:
         raise UserError("an adaptive sweep compares LoRA ranks with full FT, and its grid has no LoRA run (method=lora)")
     if not all(p.settings.pair_baseline for p in lora):
@@ -240,7 +240,7 @@ class _Rounds:
                 settings = compose_job(self.config_name, self.grid.jobs([self.grid.points[i]], [seed])[0])
                 self.runs_dir = settings.runs_dir
                 self.runs.setdefault(i, []).append(experiment.plan(settings).run_id)
-                if settings.method.name == "lora" and settings.pair_baseline:
+                if settings.method.name != "full" and settings.pair_baseline:
                     baseline = experiment.baseline_settings(settings)
                     rid = experiment.plan(baseline).run_id
                     if rid not in self.baselines:
