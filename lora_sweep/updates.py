@@ -46,7 +46,7 @@ def _describe(record: RunRecord) -> dict:
     targets = record["targets"]
     return {**{key: record[key] for key in ("run_id", "config_id", "context_id", "task", "model", "method", "r")},
             "targets": targets if isinstance(targets, str) or targets is None else ",".join(targets),
-            "rank_pattern": bool(record["rank_pattern"]), "seed": record["seed"]}
+            "rank_pattern": bool(record["rank_pattern"] or record["allocated_ranks"]), "seed": record["seed"]}  # ranks not uniform
 
 
 def measure(run_records: list[RunRecord], records_dir: Path, paired: set[str]) -> dict[str, pd.DataFrame]:
@@ -61,7 +61,7 @@ def measure(run_records: list[RunRecord], records_dir: Path, paired: set[str]) -
             sigma = factors.S.numpy()
             layer, matrix = layer_and_matrix(name)
             lora = record["method"] == "lora"
-            r = (record["rank_pattern"] or {}).get(name, record["r"]) if lora else None
+            r = (record["allocated_ranks"] or record["rank_pattern"] or {}).get(name, record["r"]) if lora else None
             ranks.append({**about, "module": name, "layer": layer, "matrix": matrix, "d_out": delta.shape[0], "d_in": delta.shape[1],
                           "energy": float(np.square(sigma).sum()), "rank90": diagnostics.effective_rank(sigma, 0.9),
                           "rank99": diagnostics.effective_rank(sigma, 0.99),

@@ -38,6 +38,6 @@ class Analysis:
 def analyse(runs: pd.DataFrame, skipped: list[str], tolerance: float | None = None) -> Analysis:
     """Aggregate over seeds, compare every rank with full FT (paired), and recommend (lora_sweep.analysis.tables)."""
     agg = aggregate(runs)
-    ranks = compare_ranks(runs, agg, tolerance) if len(agg) and (agg["method"] == "lora").any() else pd.DataFrame()
+    ranks = compare_ranks(runs, agg, tolerance) if len(agg) and (agg["method"] != "full").any() else pd.DataFrame()
     recommendation = recommend(ranks) if len(ranks) else pd.DataFrame()
     return Analysis(runs, skipped, agg, ranks, recommendation, run_flags(runs))

@@ -23,6 +23,7 @@ from scipy import stats as scipy_stats
 
 from lora_sweep.analysis import plots, tables
 from lora_sweep.metrics import metric_info
+from lora_sweep.settings import FALLBACK_RANK
 
 SPECTRUM_TOP = 64  # singular values kept per matrix in the cached table
 PHI_SEEDS_MAX = 32  # φ between seeds: i, j up to this
@@ -102,7 +103,6 @@ def spectrum_vs_rank(ranks_table: pd.DataFrame, curve: pd.DataFrame, modules: li
     return {"points": rows, "rho": float(test.statistic), "p": float(test.pvalue), "n": len(rows)}
 
 
-ADVISE_R = 8  # the uniform rank whose budget the advisor's pattern matches (conf/method/lora.yaml's default)
 
 
 def _ci(values: pd.Series) -> str:
@@ -124,9 +124,11 @@ def _rank_summary(ranks: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def section(df: pd.DataFrame, agg: pd.DataFrame, found: dict[str, pd.DataFrame] | None, note: str, out: Path) -> list[str]:
+def section(df: pd.DataFrame, agg: pd.DataFrame, recommendation: pd.DataFrame, found: dict[str, pd.DataFrame] | None, note: str,
+            out: Path) -> list[str]:
     """The report's section on the updates (the tables lora_sweep.updates measured, and where from: `note`), the rank
-    advisor, the spectrum against the rank curve, and forgetting."""
+    advisor (at the budget of the rank `recommendation` names, else settings.FALLBACK_RANK's), the spectrum against the
+    rank curve, and forgetting."""
     lines = ["## Why a rank is enough: the updates, the rank advisor, forgetting", ""]
     lines += _forgetting(df, agg, out)
     if found is None:
@@ -144,7 +146,7 @@ def section(df: pd.DataFrame, agg: pd.DataFrame, found: dict[str, pd.DataFrame] 
             part = by_model[by_model["context_id"] == context]
             title = f"{task} · {model}" + (f" · context {k + 1} of {len(contexts)}" if len(contexts) > 1 else "")
             context_phi = phi[phi["context_id"] == context] if "context_id" in phi else phi  # tables cached before it was kept
-            lines += _updates(part, spectra, curve, context_phi, agg[agg["context_id"] == context], df, title, out)
+            lines += _updates(part, spectra, curve, context_phi, agg[agg["context_id"] == context], df, recommendation, title, out)
     return lines
 
 
@@ -153,7 +155,7 @@ def _phi_spread(row: pd.Series) -> str:
     return f" ({row['phi_low']:.2f}–{row['phi_high']:.2f} over {int(row['pairs'])} run pairs, {int(row['layers'])} layers each)"
 
 
-def _updates(ranks, spectra, curve, phi, agg, df, title, out) -> list[str]:
+def _updates(ranks, spectra, curve, phi, agg, df, recommendation, title, out) -> list[str]:
     slug = title.replace(" · ", "_").replace("/", "-").replace(" ", "_")
     plots_dir = out / "plots"
     summary = _rank_summary(ranks)
@@ -183,29 +185,41 @@ def _updates(ranks, spectra, curve, phi, agg, df, title, out) -> list[str]:
                   "chance means a low rank already finds what a higher rank (or another seed) finds.", "",
                   f"![{figure.stem}]({figure.relative_to(out).as_posix()})", ""]
     if len(full) and len(lora):
-        lines += _advisor(ranks, spectra, lora, agg, df, out, slug)
+        lines += _advisor(ranks, spectra, lora, agg, df, _budget_rank(recommendation, lora), out, slug)
         lines += _spectrum_vs_rank(ranks, curve, lora, agg)
     return lines
 
 
-def _advisor(ranks, spectra, lora, agg, df, out, slug) -> list[str]:
+def _budget_rank(recommendation: pd.DataFrame, lora: pd.DataFrame) -> int:
+    """The uniform rank the advisor matches: the grid's recommended rank for these targets, else FALLBACK_RANK (the same
+    choice as conf/sweep/autorank.yaml's, settings.recommended_rank)."""
+    first = lora.iloc[0]
+    if len(recommendation) and "r" in recommendation:
+        rows = recommendation[(recommendation["task"] == first["task"]) & (recommendation["model"] == first["model"])
+                              & (recommendation["targets"] == first["targets"]) & recommendation["r"].notna()]
+        if len(rows):
+            return int(rows["r"].iloc[0])
+    return FALLBACK_RANK
+
+
+def _advisor(ranks, spectra, lora, agg, df, budget_r, out, slug) -> list[str]:
     targets = lora["targets"].iloc[0]
     modules = sorted(lora.loc[lora["targets"] == targets, "module"].unique())
-    pattern = advise(ranks, spectra, modules, ADVISE_R)
+    pattern = advise(ranks, spectra, modules, budget_r)
     shapes = ranks.drop_duplicates("module").set_index("module")[["d_in", "d_out"]]
-    uniform = adapter_parameters(dict.fromkeys(modules, ADVISE_R), shapes)
-    path = write_pattern(pattern, out / "tables" / f"rank_pattern_{slug}_{targets}_r{ADVISE_R}.yaml",
+    uniform = adapter_parameters(dict.fromkeys(modules, budget_r), shapes)
+    path = write_pattern(pattern, out / "tables" / f"rank_pattern_{slug}_{targets}_r{budget_r}.yaml",
                          f"Advised by lora-analyze from full FT's ΔW spectra ({ranks.loc[ranks['method'] == 'full', 'seed'].nunique()} seeds):\n"
-                         f"{adapter_parameters(pattern, shapes)} adapter parameters = uniform r={ADVISE_R} on {targets}")
+                         f"{adapter_parameters(pattern, shapes)} adapter parameters = uniform r={budget_r} on {targets}")
     by_matrix = pd.Series({m: r for m, r in pattern.items()}).groupby(lambda m: layer_and_matrix(m)[1]).apply(list)
     lines = [f"**Rank advisor** (`{path.relative_to(out).as_posix()}`, use with `method.rank_pattern=<that file>`): per-layer ranks "
-             f"from full FT's ΔW spectra at the budget of uniform r={ADVISE_R} on {targets} "
+             f"from full FT's ΔW spectra at the budget of uniform r={budget_r} on {targets} "
              f"({adapter_parameters(pattern, shapes):,} = {uniform:,} adapter parameters). By layer: "
              + "; ".join(f"{m} {ranks_}" for m, ranks_ in by_matrix.items()) + ". Full FT's spectra are the probe because the "
              "baseline already ran (no extra training), they show where the full update puts its energy without a rank cap, "
              "and, unlike one high-rank LoRA run, they are not shaped by the LoRA parametrisation being tuned.", ""]
     advised = agg[(agg["method"] == "lora") & agg["rank_pattern"].notna()]
-    plain = agg[(agg["method"] == "lora") & (agg["targets"] == targets) & (agg["r"] == ADVISE_R)]
+    plain = agg[(agg["method"] == "lora") & (agg["targets"] == targets) & (agg["r"] == budget_r)]
     for _, row in advised.iterrows():
         base = plain[(plain["context_id"] == row["context_id"]) & (plain["lr"] == row["lr"])]
         if base.empty:
@@ -214,11 +228,11 @@ def _advisor(ranks, spectra, lora, agg, df, out, slug) -> list[str]:
         if result is None:
             continue
         verdict = "better" if result.low > 0 else "worse" if result.high < 0 else "not distinguishable at these seeds"
-        lines += [f"Advised ({row['targets']}, {int(row['params_adapter_mean']):,} adapter parameters) against uniform r={ADVISE_R} "
+        lines += [f"Advised ({row['targets']}, {int(row['params_adapter_mean']):,} adapter parameters) against uniform r={budget_r} "
                   f"({int(base.iloc[0]['params_adapter_mean']):,}): Δ = {result.delta:+.2f} [{result.low:+.2f}, {result.high:+.2f}] "
                   f"{row['primary_unit']} (paired over {result.n_seeds} seeds and the eval examples, lora_sweep/analysis/stats.py): {verdict}.", ""]
     if advised.empty:
-        lines += [f"No advised run yet: `lora-sweep +sweep=advisor` trains it against uniform r={ADVISE_R} at the same budget over 3 seeds.", ""]
+        lines += [f"No advised run yet: `lora-sweep +sweep=advisor` trains it against uniform r={budget_r} at the same budget over 3 seeds.", ""]
     return lines
 
 

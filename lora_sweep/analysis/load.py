@@ -15,7 +15,7 @@ from lora_sweep.metrics import metric_info
 from lora_sweep.records import SCHEMA_VERSION, RunRecord
 
 MIB = 2**20
-IN_MEMORY_ONLY = ["examples", "tune_curve"]  # per-example outputs: for the paired tests, not for export
+IN_MEMORY_ONLY = ["examples", "tune_curve", "module_ranks"]  # per-example outputs and per-module ranks: not for export
 
 
 def _tune_curve(record: RunRecord) -> dict[str, Any] | None:
@@ -26,12 +26,36 @@ def _tune_curve(record: RunRecord) -> dict[str, Any] | None:
     return {"ids": tune.get("ids"), "labels": tune.get("labels"), "points": record["tune_curve"]}
 
 
-def _targets(record: RunRecord) -> str | None:
-    """The series a LoRA run belongs to: its targets, and its rank pattern's name where it has one (never a
-    learning-rate variant of the uniform rank)."""
+def _base_targets(record: RunRecord) -> str | None:
+    """The targets preset or module names, as one label."""
     targets = record["targets"]
-    label = targets if isinstance(targets, str) or targets is None else ",".join(targets)
-    return f"{label}, rank_pattern {record['rank_pattern_source']}" if record["rank_pattern"] else label
+    return targets if isinstance(targets, str) or targets is None else ",".join(targets)
+
+
+def _allocator(record: RunRecord) -> str | None:
+    """Who chose each module's rank: adalora or eva (during or before training), `rank_pattern <name>` (given up front,
+    such as the rank advisor's), or uniform; None for full FT."""
+    if record["method"] == "full":
+        return None
+    if record["method"] == "adalora":
+        return "adalora"
+    if str(((record["config"] or {}).get("method") or {}).get("init", "")).lower() == "eva":
+        return "eva"
+    return f"rank_pattern {record['rank_pattern_source']}" if record["rank_pattern"] else "uniform"
+
+
+def _targets(record: RunRecord) -> str | None:
+    """The series a LoRA run belongs to: its targets, and who allocated its ranks where not uniform (never a
+    learning-rate variant of the uniform rank)."""
+    allocator = _allocator(record)
+    return _base_targets(record) if allocator in (None, "uniform") else f"{_base_targets(record)}, {allocator}"
+
+
+def _module_ranks(record: RunRecord) -> dict[str, int] | None:
+    """Each adapted module's rank as trained to the end: an allocator's final choice, a rank pattern, or r everywhere."""
+    if record["method"] == "full" or not record["adapted_modules"]:
+        return None
+    return record["allocated_ranks"] or {m: (record["rank_pattern"] or {}).get(m, record["r"]) for m in record["adapted_modules"]}
 
 
 def _described(record: RunRecord) -> dict[str, Any]:
@@ -41,6 +65,8 @@ def _described(record: RunRecord) -> dict[str, Any]:
         **{key: record[key] for key in ("run_id", "config_id", "context_id", "status", "error", "diverged_at_step", "task",
                                         "task_family", "model", "method", "r", "alpha", "alpha_policy", "scaling")},
         "targets": _targets(record),
+        "base_targets": _base_targets(record),
+        "allocator": _allocator(record),
         "rank_pattern": record["rank_pattern_source"] if record["rank_pattern"] else None,
         **{key: record[key] for key in ("seed", "lr", "baseline_run_id")},
         **{key: train.get(key) for key in ("max_steps", "batch_size", "max_seq_len")},
@@ -64,7 +90,9 @@ def _measured(record: RunRecord) -> dict[str, Any]:
         "loss_slope": budget.get("slope_per_100_steps"), "loss_slope_se": budget.get("slope_se"),
         "still_improving": budget.get("still_improving"),
         "train_padding": ((record["tokens"] or {}).get("train") or {}).get("padding_fraction"),
-        **{f"params_{key}": params.get(key) for key in ("total", "trainable", "adapter", "head")},
+        **{f"params_{key}": params.get(key) for key in ("total", "trainable", "adapter", "head", "kept")},
+        "module_ranks": _module_ranks(record),
+        "init_s": times.get("init_s"), "init_peak_mib": mib(memory.get("init_peak_bytes")),
         "device": memory.get("device"), "peak_mib": mib(memory.get("peak_bytes")),
         "cuda_max_allocated_mib": mib(memory.get("cuda_max_allocated_bytes")),
         **{key: times.get(key) for key in ("train_s", "eval_s", "data_prep_s", "samples_per_s", "tokens_per_s")},

@@ -295,17 +295,22 @@ def effective_rank_heatmaps(ranks: pd.DataFrame, title: str, folder: Path, name:
     if len(lora):
         high = lora["r"].max()
         panels.append((f"LoRA r={int(high)}", lora[lora["r"] == high]))
-    panels = [(label, part) for label, part in panels if len(part)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (label, part) in zip(axes[0], panels):
-        grid = part.groupby(["layer", "matrix"])[level].mean().unstack("matrix")
+    grids = [(f"{label}: rank holding 90 % of ‖ΔW‖²", part.groupby(["layer", "matrix"])[level].mean().unstack("matrix"))
+             for label, part in panels if len(part)]
+    return rank_heatmaps(grids, title, folder, name)
+
+
+def rank_heatmaps(grids: list[tuple[str, pd.DataFrame]], title: str, folder: Path, name: str) -> Path:
+    """Side-by-side heatmaps of a rank per layer (rows) and matrix type (columns), each value written in its cell."""
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.8), squeeze=False)
+    for ax, (label, grid) in zip(axes[0], grids):
         image = ax.imshow(grid.values, cmap="magma", aspect="auto")
         for (i, j), value in np.ndenumerate(grid.values):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < grid.values.max() / 2 else "black")
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < np.nanmax(grid.values) / 2 else "black")
         ax.set_xticks(range(grid.shape[1]), [m.replace("attention.", "attn.") for m in grid.columns], rotation=30, ha="right", fontsize=7)
         ax.set_yticks(range(grid.shape[0]), grid.index)
         ax.set_ylabel("layer")
-        ax.set_title(f"{label}: rank holding 90 % of ‖ΔW‖²", fontsize=8)
+        ax.set_title(label, fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=10)
     return save(fig, folder, name)

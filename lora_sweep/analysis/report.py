@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from lora_sweep.analysis import Analysis, adaptive, curves, deploy, diagnostics, plots
+from lora_sweep.analysis import Analysis, adaptive, allocators, curves, deploy, diagnostics, plots
 from lora_sweep.analysis.load import IN_MEMORY_ONLY
 from lora_sweep.analysis.plots import GIB
 from lora_sweep.analysis.tables import compare_batching, formatted, tuned
@@ -141,7 +142,8 @@ def _sections(a: Analysis, measured: Measured, out: Path, runs_dir: Path) -> lis
     lines += _per_task(a, out)
     if measured.at_scale:
         lines += _at_your_scale(measured.at_scale, out, out / "plots")
-    lines += diagnostics.section(a.runs, a.agg, measured.updates, measured.updates_note, out)
+    lines += allocators.section(a.runs, a.agg, a.ranks, measured.updates, out)
+    lines += diagnostics.section(a.runs, a.agg, a.recommendation, measured.updates, measured.updates_note, out)
     lines += deploy.section(runs_dir.parent, out / "plots", out)
     lines += _runs_not_done(a.runs, a.skipped)
     return lines
@@ -247,7 +249,7 @@ def _learning_curves(runs: pd.DataFrame, ranks: pd.DataFrame, title: str, metric
         late = [curves.still_improving(runs, chosen.loc[r, "config_id"], metric) for r in sorted(group["r"].unique())]
         shown["tuning change, last stretch"] = [f"{x['change']:+.2f} [{x['low']:+.2f}, {x['high']:+.2f}]" + (" rising" if x["improving"] else "")
                                                 if x else "–" for x in late]
-        name = f"{slug}_{targets}_learning_curve{f'_{k}' if k else ''}".replace(",", "-")
+        name = re.sub(r"[^\w.-]+", "-", f"{slug}_{targets}_learning_curve{f'_{k}' if k else ''}")
         shown.to_csv(tables_dir / f"{name}.csv", index=False)
         lines += [f"Targets {targets}:", "", shown.to_markdown(index=False, disable_numparse=True), ""]
         full_late = curves.still_improving(runs, chosen["full_config_id"].iloc[0], metric)

@@ -18,10 +18,11 @@ from lora_sweep.analysis import stats
 from lora_sweep.metrics import metric_info
 
 # Shown beside a configuration; taken from its first run (the configuration id already says they agree).
-DESCRIBE = ["config_id", "context_id", "task", "model", "method", "targets", "rank_pattern", "scaling", "alpha_policy", "r", "lr",
+DESCRIBE = ["config_id", "context_id", "task", "model", "method", "targets", "base_targets", "allocator", "rank_pattern", "scaling", "alpha_policy", "r", "lr",
             "max_steps", "batch_size", "max_seq_len", "batching", "batching_free_id", "device", "primary_metric", "higher_is_better", "primary_scale",
             "primary_unit", "params_total"]
-MEASURES = ["primary_value", "tune_value", "params_trainable", "params_adapter", "peak_mib", "train_s", "grad_after_backward_mib", "forgetting"]
+MEASURES = ["primary_value", "tune_value", "params_trainable", "params_adapter", "params_kept", "peak_mib", "train_s", "init_s",
+            "grad_after_backward_mib", "forgetting"]
 CHANCE_MARGIN = 0.01  # a metric within one point of the best constant predictor's is flagged as chance level
 
 
@@ -132,7 +133,7 @@ def compare_ranks(df: pd.DataFrame, agg: pd.DataFrame, margin: float | None = No
     difference from the full-FT configuration chosen the same way, the non-inferiority verdict, and whether it
     differs significantly from the next lower rank."""
     full = tuned(agg[agg["method"] == "full"], ["context_id"]).set_index("context_id")
-    lora = tuned(agg[agg["method"] == "lora"], ["context_id", "targets", "r"])
+    lora = tuned(agg[agg["method"] != "full"], ["context_id", "targets", "r"])
     rows = []
     for _, group in lora.groupby(["context_id", "targets"], sort=True):
         previous = None
