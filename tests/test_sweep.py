@@ -220,7 +220,7 @@ def test_bad_sweeps_stop_before_any_training(tmp_path, tiny_bert_dir, overrides,
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': advisor, alpha, batching, glue"),
+    (["+sweep=nope"], "Could not find 'sweep/nope'; Available options in 'sweep': advisor, alpha, autorank, batching, glue"),
     (["hydra/launcher=nope"], "Could not find 'hydra/launcher/nope'; Available options in 'hydra/launcher': basic, joblib, local"),
 ])
 @OWN_PROCESS

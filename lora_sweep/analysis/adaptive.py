@@ -55,7 +55,7 @@ def decide(df: pd.DataFrame, margin: float | None, initial_seeds: int, max_seeds
     from lora_sweep.analysis import tables
 
     agg = tables.aggregate(df)
-    if agg.empty or not (agg["method"] == "lora").any():
+    if agg.empty or not (agg["method"] != "full").any():
         return []
     ranks = tables.compare_ranks(df, agg, margin)
     groups = []

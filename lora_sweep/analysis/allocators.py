@@ -62,7 +62,9 @@ def section(runs: pd.DataFrame, agg: pd.DataFrame, ranks: pd.DataFrame, updates:
             "of activations on the run's first training batches, before training; AdaLoRA by pruning singular triplets during "
             "training; a rank pattern given up front (the rank advisor's, made by lora-analyze from the grid's full-FT ΔW "
             "spectra). Δ is paired by seed and example on the eval split (positive: the allocator is better), as in the rank "
-            "table; \"differs\": the interval excludes 0. Learning rates are the uniform rank's, not tuned per allocator.", "",
+            "table; \"differs\": the interval excludes 0, one comparison at a time (with three allocators, one of the three "
+            "intervals may miss by chance). Every allocator and uniform LoRA run at the learning rates given (AdaLoRA is "
+            "another parametrisation than LoRA's), and each one's is chosen on the tuning split, never on the eval split.", "",
             *lines]
 
 
@@ -79,7 +81,7 @@ def _comparison(runs, agg, uniform: pd.Series, allocated: pd.DataFrame, ranks: p
         against_full = full.loc[row["config_id"]] if row["config_id"] in full.index else None
         chosen = _mean_ranks(runs, row["config_id"])
         rows.append({
-            "allocator": row["allocator"], "seeds": len(row["seeds"]),
+            "allocator": row["allocator"], "lr (tuned)": f"{row['lr']:g}", "seeds": len(row["seeds"]),
             "ranks (mean; min–max)": f"{chosen.sum():.0f} in all; {chosen.min():.0f}–{chosen.max():.0f}",
             "trained params": f"{row['params_adapter_mean']:,.0f}",
             "kept params (= uniform?)": f"{row['params_kept_mean']:,.0f} ({'=' if row['params_kept_mean'] == uniform['params_kept_mean'] else '≠'})",
@@ -96,16 +98,20 @@ def _comparison(runs, agg, uniform: pd.Series, allocated: pd.DataFrame, ranks: p
     heatmap = _heatmap(runs, allocated, updates, f"{uniform['task']} · {uniform['model']} · {uniform['base_targets']} at the budget of r={r}",
                        out / "plots", f"allocators_{slug}")
     return [f"### {uniform['task']} · {uniform['model']}, {uniform['base_targets']}, budget of uniform r={r}", "",
-            f"Uniform r={r}: {uniform['primary_value_mean'] * uniform['primary_scale']:.2f} ± "
-            f"{uniform['primary_value_ci95'] * uniform['primary_scale']:.2f} {unit} over {len(uniform['seeds'])} seeds, "
+            f"Uniform r={r} (lr {uniform['lr']:g}, chosen on the tuning split): {uniform['primary_value_mean'] * uniform['primary_scale']:.2f} ± "
+            f"{uniform['primary_value_ci95'] * uniform['primary_scale']:.2f} {unit} over {len(uniform['seeds'])} seeds"
+            + (f", Δ vs full FT {paired['delta']:+.2f} [{paired['delta_low']:+.2f}, {paired['delta_high']:+.2f}] {paired['verdict']}"
+               if paired is not None and pd.notna(paired.get("delta")) else "") + ", "
             f"{uniform['params_adapter_mean']:,.0f} adapter parameters, {uniform['train_s_mean']:.0f} s of training a run. "
             f"The grid an allocator would spare (the main job's {_grid_size()} ranks) costs about {_grid_size()} × that = "
             f"{grid_seconds:.0f} s of training per seed.", "",
             table.to_markdown(index=False, disable_numparse=True), "",
             "Trained: the adapter parameters trained (AdaLoRA: its initial budget, with the singular values); kept: Σ rank × (d + k) "
-            "over the final ranks, what the exported pattern trains as plain LoRA. Extra cost: EVA's data pass before training; "
-            "AdaLoRA's is inside its training time (its importance scores and masks at every step); a rank pattern's is what made "
-            "it (the advisor: full FT's runs, which every sweep here trains anyway as the baselines).", "",
+            "over the final ranks, what the exported pattern trains as plain LoRA. Extra cost: EVA's data pass before training "
+            "(with the memory probe's bookkeeping); AdaLoRA's is inside its training time (its importance scores and masks at every "
+            "step); a rank pattern's is what made it (the advisor: full FT's runs, which every sweep here trains anyway as the "
+            "baselines). Times are means of wall-clock seconds with the sweep's runs sharing the machine's cores: a rough guide, "
+            "not a benchmark.", "",
             *_agreement(runs, allocated, updates), "",
             f"![{heatmap.stem}]({heatmap.relative_to(out).as_posix()})", "",
             f"Each run's ranks as a rank pattern (`method.rank_pattern=<file> method.r={r}` re-trains that choice as plain LoRA; "
@@ -160,7 +166,8 @@ def _full_effective_ranks(updates) -> pd.Series | None:
 
 def _heatmap(runs, allocated: pd.DataFrame, updates, title: str, folder: Path, name: str) -> Path:
     """One figure: each allocator's mean rank per layer and matrix, beside full FT's ΔW effective rank on the same modules."""
-    panels = [(row["allocator"], _mean_ranks(runs, row["config_id"])) for _, row in allocated.sort_values("allocator").iterrows()]
+    panels = [(f"{row['allocator']}: rank, mean over seeds", _mean_ranks(runs, row["config_id"]))
+              for _, row in allocated.sort_values("allocator").iterrows()]
     effective = _full_effective_ranks(updates)
     if effective is not None:
         modules = panels[0][1].index
@@ -182,7 +189,7 @@ def _export(runs: pd.DataFrame, allocated: pd.DataFrame, r: int, folder: Path) -
     for _, row in allocated.sort_values("allocator").iterrows():
         done = runs[(runs["config_id"] == row["config_id"]) & (runs["status"] == "done") & runs["module_ranks"].notna()]
         for _, run in done.sort_values("seed").iterrows():
-            who = run["rank_pattern"] or row["allocator"]  # a rank pattern by its file's name
+            who = run["rank_pattern"] if isinstance(run["rank_pattern"], str) else row["allocator"]  # a pattern by its file's name
             name = re.sub(r"[^\w.-]+", "-", f"{who}_r{r}_seed{int(run['seed'])}")
             paths.append(write_pattern(dict(run["module_ranks"]), folder / f"{name}.yaml",
                                        f"{row['allocator']} ranks of run {run['run_id']} (seed {int(run['seed'])}), budget of uniform r={r}:\n"

@@ -137,6 +137,10 @@ def section(df: pd.DataFrame, agg: pd.DataFrame, recommendation: pd.DataFrame, f
     lines += [f"Update analyses {note}; cached in `tables/update_ranks.csv`, `tables/update_spectra.parquet`, `tables/phi.parquet` "
               f"(top {SPECTRUM_TOP} singular values per matrix), so a clone without artifacts rebuilds this section.", ""]
     ranks, spectra, phi = found["update_ranks"], found["update_spectra"], found["phi"]
+    if len(agg):  # each rank (and full FT) at the configuration chosen on the tuning split, as φ pairs them
+        chosen = pd.concat([tables.tuned(agg[agg["method"] != "full"], ["context_id", "targets", "r"]),
+                            tables.tuned(agg[agg["method"] == "full"], ["context_id"])])
+        ranks = ranks[ranks["config_id"].isin(chosen["config_id"])]
     if ranks.empty:
         return lines + ["No update could be measured.", ""]
     curve = energy_curve(ranks, spectra)
@@ -218,10 +222,11 @@ def _advisor(ranks, spectra, lora, agg, df, budget_r, out, slug) -> list[str]:
              + "; ".join(f"{m} {ranks_}" for m, ranks_ in by_matrix.items()) + ". Full FT's spectra are the probe because the "
              "baseline already ran (no extra training), they show where the full update puts its energy without a rank cap, "
              "and, unlike one high-rank LoRA run, they are not shaped by the LoRA parametrisation being tuned.", ""]
-    advised = agg[(agg["method"] == "lora") & agg["rank_pattern"].notna()]
-    plain = agg[(agg["method"] == "lora") & (agg["targets"] == targets) & (agg["r"] == budget_r)]
+    # each at the learning rate chosen on the tuning split, as in the rank table
+    advised = tables.tuned(agg[(agg["method"] == "lora") & agg["rank_pattern"].notna()], ["context_id", "targets"])
+    plain = tables.tuned(agg[(agg["method"] == "lora") & (agg["targets"] == targets) & (agg["r"] == budget_r)], ["context_id"])
     for _, row in advised.iterrows():
-        base = plain[(plain["context_id"] == row["context_id"]) & (plain["lr"] == row["lr"])]
+        base = plain[plain["context_id"] == row["context_id"]]
         if base.empty:
             continue
         result = tables.compare(df, row, base.iloc[0])
@@ -269,7 +274,7 @@ def _forgetting(df: pd.DataFrame, agg: pd.DataFrame, out: Path) -> list[str]:
     for (task, model), runs in measured.groupby(["task", "model"]):
         title = f"{task} · {model}"
         part = agg[(agg["task"] == task) & (agg["model"] == model) & agg["forgetting_mean"].notna()]
-        points = plots.best_lr(part[part["method"] == "lora"])
+        points = plots.best_lr(part[part["method"] != "full"])
         full_rows = tables.tuned(part[part["method"] == "full"], ["context_id"])
         full = full_rows.iloc[0] if len(full_rows) else None
         metric = runs["primary_metric"].dropna().iloc[0]

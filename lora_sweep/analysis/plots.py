@@ -143,16 +143,16 @@ def memory_split(points, full, title, folder, name) -> Path:
 def metric_vs_rank(points, full, title, metric, folder, name) -> Path:
     scale, label = view(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for scaling, group in points.groupby("scaling", sort=True):
+    for series, group in points.assign(series=points.apply(series_label, axis=1)).groupby("series", sort=True):
         best = tuned(group, ["r"])
         ax.errorbar(best["r"], scale * best["primary_value_mean"], yerr=scale * best["primary_value_ci95"].fillna(0),
-                    marker="o", capsize=3, label=scaling)
+                    marker="o", capsize=3, label=series)
     if full is not None:
         _full_band(ax, full, metric)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LoRA rank r (log scale)")
     ax.set_ylabel(label)
-    ax.set_title(f"{title}: {metric} against rank, by alpha policy")
+    ax.set_title(f"{title}: {metric} against rank, by targets and alpha policy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return save(fig, folder, name)
@@ -166,7 +166,7 @@ def _mean_curve(curves: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def loss_curves(runs: pd.DataFrame, title, folder, name) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    lora = runs[runs["method"] == "lora"]
+    lora = runs[runs["method"] != "full"]
     series = lora.assign(series=lora.apply(series_label, axis=1))
     main = series["series"].value_counts().index[0] if len(series) else None
     for r, group in series[series["series"] == main].groupby("r", sort=True):
@@ -217,11 +217,11 @@ def learning_curves(gaps: pd.DataFrame, margin: float, title: str, metric: str, 
 def metric_vs_lr(agg: pd.DataFrame, title, metric, folder, name) -> Path:
     scale, label = view(metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    lora = agg[agg["method"] == "lora"]
-    for r, group in lora.groupby("r", sort=True):
+    lora = agg[agg["method"] != "full"]
+    for (targets, r), group in lora.groupby(["targets", "r"], sort=True):
         group = group.sort_values("lr")
         ax.errorbar(group["lr"], scale * group["primary_value_mean"], yerr=scale * group["primary_value_ci95"].fillna(0),
-                    marker="o", capsize=3, label=f"LoRA r={int(r)}")
+                    marker="o", capsize=3, label=f"r={int(r)} {targets}")
     full = agg[agg["method"] == "full"].sort_values("lr")
     if len(full):
         ax.errorbar(full["lr"], scale * full["primary_value_mean"], yerr=scale * full["primary_value_ci95"].fillna(0),
@@ -305,8 +305,10 @@ def rank_heatmaps(grids: list[tuple[str, pd.DataFrame]], title: str, folder: Pat
     fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.8), squeeze=False)
     for ax, (label, grid) in zip(axes[0], grids):
         image = ax.imshow(grid.values, cmap="magma", aspect="auto")
-        for (i, j), value in np.ndenumerate(grid.values):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < np.nanmax(grid.values) / 2 else "black")
+        low, high = np.nanmin(grid.values), np.nanmax(grid.values)
+        for (i, j), value in np.ndenumerate(grid.values):  # light text on the dark lower half of the colour map
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
+                    color="white" if value - low < (high - low) / 2 else "black")
         ax.set_xticks(range(grid.shape[1]), [m.replace("attention.", "attn.") for m in grid.columns], rotation=30, ha="right", fontsize=7)
         ax.set_yticks(range(grid.shape[0]), grid.index)
         ax.set_ylabel("layer")

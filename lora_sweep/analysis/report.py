@@ -180,7 +180,7 @@ def _per_task(a: Analysis, out: Path) -> list[str]:
         (tables_dir / f"{slug}.md").write_text(table.to_markdown(index=False, disable_numparse=True) + "\n")
         table.to_csv(tables_dir / f"{slug}.csv", index=False)
         lines += [table.to_markdown(index=False, disable_numparse=True), ""]
-        points = plots.best_lr(task_agg[task_agg["method"] == "lora"])
+        points = plots.best_lr(task_agg[task_agg["method"] != "full"])
         figures = _trade_off_plots(runs, task_agg, points, full, title, metric, slug, plots_dir)
         lines += [f"![{f.stem}]({f.relative_to(out).as_posix()})" for f in figures] + [""]
         lines += _learning_curves(runs, task_ranks, title, metric, slug, tables_dir, plots_dir, out)
@@ -198,7 +198,7 @@ def _trade_off_plots(runs, task_agg, points, full, title, metric, slug, plots_di
         plots.metric_vs_params(points, full, title, metric, plots_dir, f"{slug}_metric_vs_params"),
         plots.metric_vs_memory(points, full, title, metric, device, plots_dir, f"{slug}_metric_vs_memory"),
         plots.memory_split(points, full, title, plots_dir, f"{slug}_memory_split"),
-        plots.metric_vs_rank(task_agg[task_agg["method"] == "lora"], full, title, metric, plots_dir, f"{slug}_metric_vs_rank"),
+        plots.metric_vs_rank(task_agg[task_agg["method"] != "full"], full, title, metric, plots_dir, f"{slug}_metric_vs_rank"),
         plots.loss_curves(runs[runs["status"] == "done"], title, plots_dir, f"{slug}_loss"),
     ]
     if task_agg.groupby("method")["lr"].nunique().max() > 1:
