@@ -30,7 +30,6 @@ from lora_sweep.errors import UserError
 from lora_sweep.settings import CONF_DIR, MethodSettings
 
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not ours to fix
-warnings.filterwarnings("ignore", message="lora with eva initialization used with low_cpu_mem_usage=False")  # A is drawn, then replaced
 
 OTHER = "other"  # the family of every model type not in FAMILY_OF_MODEL_TYPE
 # Module-name patterns (suffix after a '.', or a regex matched against the whole name) per family.
@@ -324,7 +323,9 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str, steps
         rank_pattern={re.escape(name): rank for name, rank in patterned.items()},
         alpha_pattern={re.escape(name): alpha for name, alpha in plan.alphas().items() if name in patterned},
     )
-    return get_peft_model(model, config), plan.targets
+    with warnings.catch_warnings():  # PEFT's advice to skip drawing A, which EVA replaces: drawing it costs little here
+        warnings.filterwarnings("ignore", message="lora with eva initialization used with low_cpu_mem_usage=False")
+        return get_peft_model(model, config), plan.targets
 
 
 def initialize_eva(model: nn.Module, batches: list[dict[str, torch.Tensor]], before_forward: Callable[[], None]) -> None:

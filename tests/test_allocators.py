@@ -75,10 +75,10 @@ def test_a_rank_pattern_with_rank_zero_leaves_that_module_unadapted(tmp_path):
     assert adapters.count_parameters(model, 0, "lora").adapter == (4 + 6 + 4) * WIDTH
 
 
-def test_the_autorank_preset_crosses_four_allocators_with_three_seeds_at_the_grids_rank():
+def test_the_autorank_preset_crosses_four_allocators_with_four_learning_rates_and_three_seeds():
     jobs = grid("+sweep=autorank")
-    assert len(jobs) == 36 and values(jobs, "+allocator") == ["adalora", "advisor", "eva", "uniform"]
-    assert values(jobs, "train.seed") == ["0", "1", "2"] and values(jobs, "method.lr") == ["0.002", "0.005", "0.01"]
+    assert len(jobs) == 48 and values(jobs, "+allocator") == ["adalora", "advisor", "eva", "uniform"]
+    assert values(jobs, "train.seed") == ["0", "1", "2"] and values(jobs, "method.lr") == ["0.002", "0.005", "0.01", "0.02"]
 
 
 @pytest.mark.slow
