@@ -40,7 +40,7 @@ EVAL_KEYS = ("metrics", "primary_metric", "primary_value", "tune_metrics", "tune
 
 @pytest.fixture(scope="module")
 def templates(tiny_bert_dir, tmp_path_factory):
-    """A real LoRA record (r=8 on query/value, lr 2e-3) and its real baseline (full FT, lr 1e-4), from a tiny run."""
+    """A real LoRA record (r=8 on query/value, the default lr) and its real baseline (full FT, lr 1e-4), from a tiny run."""
     folder = tmp_path_factory.mktemp("template")
     settings = compose(*TINY, f"model.name_or_path={tiny_bert_dir}", f"runs_dir={folder}", f"cache_dir={folder / 'cache'}")
     lora = experiment.run(settings)
@@ -246,7 +246,7 @@ def test_recommendation_takes_the_smallest_rank_that_qualifies(tmp_path, templat
     assert list(ranks.sort_values("r")["verdict"]) == ["worse", "qualifies", "qualifies"]
     best = rec.iloc[0]
     assert best["r"] == 4 and best["delta"] == pytest.approx(-0.5) and best["delta_low"] > -1.0 and best["seeds"] == 3
-    assert best["recommendation"].startswith("r=4 (lr=0.002, chosen on the tuning split): Δ = -0.50 [")
+    assert best["recommendation"].startswith("r=4 (lr=0.005, chosen on the tuning split): Δ = -0.50 [")
     assert "against full FT (lr=0.0002), above −1, over 3 paired seeds" in best["recommendation"]
     _, _, _, wide = analyse(tmp_path, margin=7.0)
     assert wide.iloc[0]["r"] == 1  # 6 points worse, but within a 7-point margin

@@ -88,7 +88,7 @@ def test_a_re_run_over_damaged_records_runs_again_and_keeps_the_damage_aside(tmp
         assert again["run_id"] == record["run_id"] and again["status"] == "done"
         assert records.read_record(tmp_path / "runs", record["run_id"])["status"] == "done"
     assert len(list((tmp_path / "runs" / "corrupt").iterdir())) == 2
-    assert capsys.readouterr().out.count(f"{record['run_id']} (tiny sst2 LoRA r=8 alpha=16 targets=qv lr=0.002 seed=0) starting") == 2
+    assert capsys.readouterr().out.count(f"{record['run_id']} (tiny sst2 LoRA r=8 alpha=16 targets=qv lr=0.005 seed=0) starting") == 2
 
 
 @pytest.mark.slow
