@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lora_sweep import adapters
-from lora_sweep.settings import MethodSettings
+from lora_sweep.errors import UserError
+from lora_sweep.settings import MethodSettings, compose
 from tests.conftest import tiny_bert, tiny_bert_config
 from tests.test_sweep import grid, load, sweep, values
 
@@ -65,6 +66,18 @@ def test_adalora_keeps_its_initial_budget_through_tinit_and_reaches_the_target_a
     counts = adapters.count_parameters(model, 0, "adalora", kept[steps])
     assert counts.adapter == method.initial_r * (WIDTH + 1) * len(targets)  # trained: the initial budget, singular values too
     assert counts.kept == r * len(targets) * WIDTH
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("method.tinit=0.5", "method.tfinal=0.5"), "method.tinit + method.tfinal = 1 leaves no steps to prune ranks in; their sum must be below 1"),
+    (("method.tfinal=1.5",), "method.tinit=0.1 and method.tfinal=1.5 are fractions of the run's steps: each must be in [0, 1)"),
+    (("method.init=eva",), "method=adalora does not combine with init=eva (AdaLoRA has its own initialisation); use method=lora for it"),
+    (("method.use_dora=true",), "method=adalora does not combine with DoRA; use method=lora for it"),
+])
+def test_adalora_settings_that_cannot_work_are_refused_naming_the_value(overrides, message):
+    """The command-line path of such errors (one line, exit 2, no run) is tests/test_bad_input.py's."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        compose("method=adalora", *overrides)
 
 
 def test_a_rank_pattern_with_rank_zero_leaves_that_module_unadapted(tmp_path):
