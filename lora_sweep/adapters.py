@@ -195,7 +195,7 @@ def check_lora(model: nn.Module, method: MethodSettings) -> list[str]:
     Works on a model built on the meta device, so a sweep can check every run before training any."""
     targets = resolve_targets(model, method.targets)
     smallest = min(min(shape(model.get_submodule(n))) for n in targets)
-    key, rank = ("init_r", method.initial_r) if method.name == "adalora" else ("r", method.r)
+    key, rank = ("init_r" if method.name == "adalora" else "r"), method.built_r
     if rank > smallest:
         raise UserError(f"method.{key}={rank} is larger than the smallest adapted matrix allows; use {key} <= {smallest}")
     return targets
@@ -284,8 +284,7 @@ def resolve_lora(model: nn.Module, method: MethodSettings) -> LoraPlan:
             raise UserError("method.rank_pattern gives every adapted module rank 0: nothing would be trained")
         pattern = {name: pattern[name] for name in targets}
         method = dataclasses.replace(method, rank_pattern=pattern)
-    uniform = method.initial_r if method.name == "adalora" else method.r
-    return LoraPlan(method, targets, pattern or dict.fromkeys(targets, uniform))
+    return LoraPlan(method, targets, pattern or dict.fromkeys(targets, method.built_r))
 
 
 def apply_method(model: nn.Module, method: MethodSettings, task_type: str, steps: int | None = None) -> tuple[nn.Module, list[str]]:
@@ -300,7 +299,8 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str, steps
     m, patterned = plan.method, plan.method.rank_pattern or {}
     names = [name for name, _ in model.named_modules()]
     heads = [head for head in HEADS[architecture_of(model)] if any(_matches(name, head) for name in names)]
-    common = dict(task_type=task_type, lora_dropout=m.dropout, target_modules=plan.targets, modules_to_save=heads or None)
+    common = dict(task_type=task_type, lora_dropout=m.dropout, target_modules=plan.targets,
+                  modules_to_save=heads or None)  # the family's head modules this model has (none on a causal LM)
     if m.name == "adalora":
         if steps is None:
             raise ValueError("AdaLoRA's schedule needs the run's number of optimizer steps")

@@ -273,7 +273,7 @@ def estimate(settings: Settings, method: MethodSettings) -> Estimate:
     scratch = adamw_scratch(trainable, est.device) if est.optimizer == "adamw" else 0
     shape = shape_of(model, settings, batch, seq)
     trained, adapted = trained_kinds(model)
-    r = 0 if full else method.initial_r if method.name == "adalora" else method.r
+    r = 0 if full else method.built_r
     kept, transient = activation_bytes(shape, trained, adapted, full, r, precision, est.gradient_checkpointing)
     accumulated = grads if settings.train.grad_accum > 1 else 0  # earlier micro-batches' gradients are live in the last backward
     head = sum(p.numel() * p.element_size() for n, p in model.named_parameters()

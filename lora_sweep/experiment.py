@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -257,13 +258,12 @@ def _initialize_eva(p: Plan, model: torch.nn.Module, train_set, schedule: batchi
     order = [i for step in schedule.steps for micro in step for i in micro][:p.method.eva_examples]
     size = p.settings.train.batch_size
     batches = [dict(batching.load_batch(train_set, order[i:i + size], collate, device)) for i in range(0, len(order), size)]
+    probing = p.settings.train.memory_probe
     start = time.perf_counter()
-    if not p.settings.train.memory_probe:
-        adapters.initialize_eva(model, batches, lambda: None)
-        return {"time": {"init_s": time.perf_counter() - start}}
-    with memory.probe(model, None, torch.device(device)) as peak:
-        adapters.initialize_eva(model, batches, peak.next_forward)
-    return {"time": {"init_s": time.perf_counter() - start}, "memory": {"init_peak_bytes": peak.peak_bytes}}
+    with memory.probe(model, None, torch.device(device)) if probing else nullcontext() as peak:
+        adapters.initialize_eva(model, batches, peak.next_forward if probing else lambda: None)
+    seconds = time.perf_counter() - start
+    return {"time": {"init_s": seconds}, **({"memory": {"init_peak_bytes": peak.peak_bytes}} if probing else {})}
 
 
 def _evaluate(p: Plan, accelerator, model, tokenizer, tokens, collate, curve: list[CurvePoint], result,

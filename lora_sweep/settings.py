@@ -196,6 +196,11 @@ class MethodSettings:
         """AdaLoRA's initial rank of every module: init_r, or ceil(1.5 * r) where it is null."""
         return self.init_r or math.ceil(ADALORA_INIT_FACTOR * self.r)
 
+    @property
+    def built_r(self) -> int:
+        """The rank every adapted module is built at (before any pattern): AdaLoRA's initial rank, else r."""
+        return self.initial_r if self.name == "adalora" else self.r
+
     def adalora_schedule(self, steps: int) -> tuple[int, int]:
         """(tinit, tfinal) in optimizer steps for a run of `steps`; an error where no step is left to prune in."""
         tinit, tfinal = round(self.tinit * steps), round(self.tfinal * steps)
