@@ -52,7 +52,8 @@ def sweep_summary(df: pd.DataFrame) -> str:
         "train s": df["train_s"].map(formatted(".0f")),
         "status": df["status"],
     })
-    order = np.lexsort((df["seed"].fillna(0).to_numpy(), df["r"].fillna(0).to_numpy(), (df["method"] != "full").to_numpy()))
+    order = np.lexsort((df["run_id"].to_numpy(), df["seed"].fillna(0).to_numpy(), df["r"].fillna(0).to_numpy(),
+                        (df["method"] != "full").to_numpy()))  # ties (same rank and seed) in run-id order, not load order
     return table.iloc[order].to_string(index=False)
 
 
