@@ -353,6 +353,10 @@ def deploy(runs_dir: Path, run_ids: list[str], repeats: int, threads: int, cache
     status = 0
     for rid, why in chosen.items():
         record = next((r for r in all_records if r["run_id"] == rid), None)
+        if record is not None and record["method"] == "adalora":
+            raise UserError(f"--run {rid} is an AdaLoRA run: lora-deploy measures LoRA adapters (AdaLoRA's unmerged form "
+                            f"computes at its initial rank and has no mixed-batch serving); its final ranks re-train as LoRA "
+                            f"with method.rank_pattern=<its tables/allocated/*.yaml>, and that run deploys")
         if record is None or record["method"] != "lora" or record["status"] != "done":
             raise UserError(f"--run {rid}: no finished LoRA run of that id in {runs_dir}")
         baseline = next((r for r in all_records if r["run_id"] == record["baseline_run_id"]), {})

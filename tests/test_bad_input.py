@@ -320,6 +320,16 @@ def test_lora_deploy_fails_when_it_measured_nothing(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "deploy").exists()
 
 
+def test_lora_deploy_refuses_an_adalora_run_and_says_how_to_deploy_its_ranks(tmp_path, capsys):
+    records.write_record(tmp_path / "runs", {"run_id": "abc", "status": "done", "task": "sst2", "model": "minilm_l6",
+                                             "method": "adalora", "baseline_run_id": None, "artifact": None})
+    with pytest.raises(SystemExit) as exit_info:
+        deploy.main([str(tmp_path), "--run", "abc", "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --run abc is an AdaLoRA run")
+    assert "method.rank_pattern=" in err[0] and not (tmp_path / "deploy").exists()
+
+
 def test_help_lists_every_launcher(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lora-sweep", "--help"])
     with pytest.raises(SystemExit):
