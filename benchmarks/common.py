@@ -98,20 +98,23 @@ def setup(steps: int, threads: int, overrides: list[str] = ()) -> Bench:
 
 
 def build_model(bench: Bench, method: MethodSettings) -> torch.nn.Module:
-    """The model a run trains, built as `experiment._train_and_measure` builds it (seeded head and adapter)."""
+    """The model a run trains, built as `experiment._train_and_measure` builds it (seeded head and adapter; AdaLoRA's
+    schedule over the composed train.max_steps)."""
     set_seed(bench.train.seed)
     model = bench.plan.family.load_model(bench.plan.model_path, bench.settings)
-    model, _ = adapters.apply_method(model, method, bench.plan.family.TASK_TYPE)
+    model, _ = adapters.apply_method(model, method, bench.plan.family.TASK_TYPE, bench.train.max_steps)
     return model
 
 
 def run_harness(bench: Bench, method: MethodSettings, schedule: batching.Plan, memory_probe: bool = False,
                 model: torch.nn.Module | None = None) -> TrainResult:
-    """One training run through the harness's `fit` on `model` (default: a fresh one); `result.seconds` times the steps only."""
+    """One training run through the harness's `fit` on `model` (default: a fresh one), AdaLoRA's allocation after every
+    update as in a real run; `result.seconds` times the steps only."""
     model = model if model is not None else build_model(bench, method)
     train = dataclasses.replace(bench.train, memory_probe=memory_probe)
     gc.collect()
-    return fit(distributed.make_accelerator(bench.device, "none"), model, bench.train_set, bench.collate, schedule, method, train)
+    return fit(distributed.make_accelerator(bench.device, "none"), model, bench.train_set, bench.collate, schedule, method, train,
+               after_update=adapters.adalora_step(model, method))
 
 
 def synthetic_step(model: torch.nn.Module, method: MethodSettings, settings: Settings, shape: tuple[int, int], device: str,

@@ -204,7 +204,7 @@ def _train_and_measure(p: Plan, tracker: Tracker) -> RunRecord:
     model, adapted, base_total, probe = _model(p, tokenizer, steps)
     if p.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    eva = _initialize_eva(p, model, train_set, schedule, collate, accelerator.device) if p.method.eva else {}
+    eva = eva_pass(p, model, train_set, schedule, collate, accelerator.device) if p.method.eva else {}
     distributed.seed_dropout(s.train.seed)
     curve: list[CurvePoint] = []
 
@@ -251,7 +251,7 @@ def _model(p: Plan, tokenizer, steps: int) -> tuple[torch.nn.Module, list[str], 
     return model, adapted, base_total, probe
 
 
-def _initialize_eva(p: Plan, model: torch.nn.Module, train_set, schedule: batching.Plan, collate, device) -> dict[str, Any]:
+def eva_pass(p: Plan, model: torch.nn.Module, train_set, schedule: batching.Plan, collate, device) -> dict[str, Any]:
     """EVA's data pass on the run's own first training batches (the plan's order, up to method.eva_examples examples;
     never tuning or eval data), its time and (with train.memory_probe, whose bookkeeping the time then includes) its
     peak tensor memory recorded as part of the run's cost."""
