@@ -13,10 +13,12 @@ to a convolution (`width`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,13 +330,17 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str, steps
         return get_peft_model(model, config), plan.targets
 
 
-def initialize_eva(model: nn.Module, batches: list[dict[str, torch.Tensor]], before_forward: Callable[[], None]) -> None:
+def initialize_eva(model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                   around_forward: Callable[[int], ContextManager]) -> None:
     """EVA (PEFT's initialize_lora_eva_weights): A from the right singular vectors of each adapted module's inputs on
     `batches` (training batches only, cycled until the components converge), and the ranks redistributed across
-    modules by explained variance. `before_forward` runs before each forward of the pass (the memory probe's)."""
+    modules by explained variance. Each forward of the pass runs inside `around_forward(k)`, k counting from 0: PEFT's
+    forward 0 only hashes the first batch's layer inputs, forward 1 is the first batch's first SVD update."""
+    calls = itertools.count()
+
     def forward(module: nn.Module, inputs: dict[str, torch.Tensor]):
-        before_forward()
-        return module(**inputs)
+        with around_forward(next(calls)):
+            return module(**inputs)
 
     initialize_lora_eva_weights(model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -252,18 +252,31 @@ def _model(p: Plan, tokenizer, steps: int) -> tuple[torch.nn.Module, list[str], 
 
 
 def eva_pass(p: Plan, model: torch.nn.Module, train_set, schedule: batching.Plan, collate, device) -> dict[str, Any]:
-    """EVA's data pass on the run's own first training batches (the plan's order, up to method.eva_examples examples;
-    never tuning or eval data), its time and (with train.memory_probe, whose bookkeeping the time then includes) its
-    peak tensor memory recorded as part of the run's cost."""
+    """EVA's data pass on the run's own first training batches (up to method.eva_examples examples; never tuning or eval
+    data), its time and (with train.memory_probe) its peak tensor memory recorded as part of the run's cost.
+
+    As training probes one step, the pass probes one forward, the costliest: the batch with the most computed tokens
+    goes first (the others in the plan's order), so that its first SVD update (forward 1) is the one probed. Probing
+    every forward would put MemTracker's bookkeeping into the time: it tripled the pass."""
     order = [i for step in schedule.steps for micro in step for i in micro][:p.method.eva_examples]
     size = p.settings.train.batch_size
     batches = [dict(batching.load_batch(train_set, order[i:i + size], collate, device)) for i in range(0, len(order), size)]
-    probing = p.settings.train.memory_probe
+    batches.insert(0, batches.pop(max(range(len(batches)), key=lambda k: batches[k]["input_ids"].numel())))
+    peaks: list[int] = []
+
+    @contextmanager
+    def around_forward(k: int):
+        if k != 1 or not p.settings.train.memory_probe:
+            yield
+            return
+        with memory.probe(model, None, torch.device(device)) as peak:
+            yield
+        peaks.append(peak.peak_bytes)
+
     start = time.perf_counter()
-    with memory.probe(model, None, torch.device(device)) if probing else nullcontext() as peak:
-        adapters.initialize_eva(model, batches, peak.next_forward if probing else lambda: None)
+    adapters.initialize_eva(model, batches, around_forward)
     seconds = time.perf_counter() - start
-    return {"time": {"init_s": seconds}, **({"memory": {"init_peak_bytes": peak.peak_bytes}} if probing else {})}
+    return {"time": {"init_s": seconds}, **({"memory": {"init_peak_bytes": peaks[0]}} if peaks else {})}
 
 
 def _evaluate(p: Plan, accelerator, model, tokenizer, tokens, collate, curve: list[CurvePoint], result,

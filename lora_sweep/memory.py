@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -45,21 +45,18 @@ class _FrozenAwareTracker(MemTracker):
 
 
 class MemoryProbe:
-    """Filled in when the `probe` context exits: `peak_bytes` and `split` (bytes per category, at the peak). Inside a
-    pass of several forwards, call `next_forward()` before each one after the first: MemTracker follows one per module."""
+    """Filled in when the `probe` context exits: `peak_bytes` and `split` (bytes per category, at the peak)."""
 
     peak_bytes: int = 0
     split: dict[str, int] = {}
-    next_forward: Callable[[], None]
 
 
 @contextmanager
 def probe(model: nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device) -> Iterator[MemoryProbe]:
     """Measure the peak of live tensor bytes on `device` while the body runs (one optimizer step; or, without an
-    optimizer, a pass such as EVA's before training)."""
+    optimizer, one forward, such as EVA's pass makes before training)."""
     result = MemoryProbe()
     tracker = _FrozenAwareTracker()
-    result.next_forward = tracker.reset_mod_stats  # the global peak is kept
     tracker.track_external(model, *([optimizer] if optimizer else []))
     with tracker, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Module is None")  # MemTracker's note on PEFT's wrapped modules

@@ -2,11 +2,14 @@
 are compared with uniform LoRA at one counted budget and whose choices re-train as plain LoRA."""
 
 import re
+from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset
 
-from lora_sweep import adapters
+from lora_sweep import adapters, batching, experiment, memory
 from lora_sweep.errors import UserError
 from lora_sweep.settings import MethodSettings, compose
 from tests.conftest import tiny_bert, tiny_bert_config
@@ -31,7 +34,7 @@ def test_eva_replaces_the_default_a_by_orthonormal_components_and_its_ranks_sum_
     method = MethodSettings(name="lora", lr=1e-3, r=r, init="eva", eva_rho=2.0)
     model, targets = adapters.apply_method(tiny_bert(), method, "SEQ_CLS")
     drawn = a_matrices(model)  # PEFT's default A, drawn before the pass
-    adapters.initialize_eva(model, batches(6), lambda: None)
+    adapters.initialize_eva(model, batches(6), lambda k: nullcontext())
     ranks = adapters.allocated_ranks(model, method, targets)
     assert set(ranks) == set(targets) and sum(ranks.values()) == r * len(targets) and max(ranks.values()) <= 2 * r
     for name, a in a_matrices(model).items():  # EVA's rows are principal components: orthonormal; the default's are not
@@ -41,6 +44,42 @@ def test_eva_replaces_the_default_a_by_orthonormal_components_and_its_ranks_sum_
         assert not torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-2)
     counts = adapters.count_parameters(model, 0, "lora", ranks)
     assert counts.adapter == counts.kept == sum(ranks.values()) * WIDTH
+
+
+@pytest.mark.parametrize("probing", [True, False])
+def test_eva_pass_probes_one_forward_its_costliest_batch_and_times_the_rest_unprobed(monkeypatch, probing):
+    """As training probes one step, EVA's pass probes one forward: the batch with the most tokens, moved first so
+    that its first SVD update is the probed forward; its peak holds at least the fp32 weights."""
+    method = MethodSettings(name="lora", lr=1e-3, r=4, init="eva", eva_examples=24)
+    model, _ = adapters.apply_method(tiny_bert(), method, "SEQ_CLS")
+    lengths = [4] * 8 + [16] * 8 + [8] * 8  # three batches of 8 in the plan's order: the second is the longest
+    train_set = Dataset.from_dict({"input_ids": [[5] * n for n in lengths], "label": [0, 1] * 12})
+
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in rows])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([r["label"] for r in rows])}
+
+    probed, active, original = [], [], memory.probe
+
+    @contextmanager
+    def spy(*args, **kwargs):
+        active.append(True)
+        with original(*args, **kwargs) as peak:
+            yield peak
+        active.pop()
+
+    monkeypatch.setattr(memory, "probe", spy)
+    model.register_forward_pre_hook(lambda module, args, kwargs: probed.append(kwargs["input_ids"].shape[1]) if active else None,
+                                    with_kwargs=True)
+    plan = batching.Plan([[list(range(k, k + 8))] for k in (0, 8, 16)], probe_step=2)
+    p = SimpleNamespace(method=method, settings=SimpleNamespace(train=SimpleNamespace(batch_size=8, memory_probe=probing)))
+    out = experiment.eva_pass(p, model, train_set, plan, collate, "cpu")
+    assert out["time"]["init_s"] > 0
+    if probing:
+        assert probed == [16] and out["memory"]["init_peak_bytes"] >= 4 * sum(t.numel() for t in model.parameters())
+    else:
+        assert probed == [] and "memory" not in out
 
 
 def test_adalora_keeps_its_initial_budget_through_tinit_and_reaches_the_target_at_tfinal():
