@@ -331,15 +331,15 @@ def apply_method(model: nn.Module, method: MethodSettings, task_type: str, steps
 
 
 def initialize_eva(model: nn.Module, batches: list[dict[str, torch.Tensor]],
-                   around_forward: Callable[[int], ContextManager]) -> None:
+                   around_forward: Callable[[int, dict[str, torch.Tensor]], ContextManager]) -> None:
     """EVA (PEFT's initialize_lora_eva_weights): A from the right singular vectors of each adapted module's inputs on
     `batches` (training batches only, cycled until the components converge), and the ranks redistributed across
-    modules by explained variance. Each forward of the pass runs inside `around_forward(k)`, k counting from 0: PEFT's
-    forward 0 only hashes the first batch's layer inputs, forward 1 is the first batch's first SVD update."""
+    modules by explained variance. Each forward of the pass runs inside `around_forward(k, inputs)`, k counting from 0:
+    PEFT's forward 0 only hashes the first batch's layer inputs; from forward 1 on, each updates the SVDs."""
     calls = itertools.count()
 
     def forward(module: nn.Module, inputs: dict[str, torch.Tensor]):
-        with around_forward(next(calls)):
+        with around_forward(next(calls), inputs):
             return module(**inputs)
 
     initialize_lora_eva_weights(model, dataloader=batches, forward_fn=forward, show_progress_bar=False)

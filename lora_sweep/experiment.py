@@ -252,23 +252,29 @@ def _model(p: Plan, tokenizer, steps: int) -> tuple[torch.nn.Module, list[str], 
 
 
 def eva_pass(p: Plan, model: torch.nn.Module, train_set, schedule: batching.Plan, collate, device) -> dict[str, Any]:
-    """EVA's data pass on the run's own first training batches (up to method.eva_examples examples; never tuning or eval
-    data), its time and (with train.memory_probe) its peak tensor memory recorded as part of the run's cost.
+    """EVA's data pass on the run's own first training batches (the plan's order, up to method.eva_examples examples;
+    never tuning or eval data), its time and (with train.memory_probe) its peak tensor memory recorded as part of the
+    run's cost.
 
-    As training probes one step, the pass probes one forward, the costliest: the batch with the most computed tokens
-    goes first (the others in the plan's order), so that its first SVD update (forward 1) is the one probed. Probing
-    every forward would put MemTracker's bookkeeping into the time: it tripled the pass."""
+    As training probes one step, the pass probes few forwards: its first SVD update (forward 1), and the first SVD
+    update of its costliest batch (the most computed tokens) if the pass reaches it before it converges; the peak is
+    the larger. Probing every forward put MemTracker's bookkeeping into the time (it doubled the pass); reordering
+    the batches to probe the costliest first changed EVA's initialisation and so the run's result."""
     order = [i for step in schedule.steps for micro in step for i in micro][:p.method.eva_examples]
     size = p.settings.train.batch_size
     batches = [dict(batching.load_batch(train_set, order[i:i + size], collate, device)) for i in range(0, len(order), size)]
-    batches.insert(0, batches.pop(max(range(len(batches)), key=lambda k: batches[k]["input_ids"].numel())))
+    costliest = max(batch["input_ids"].numel() for batch in batches)
     peaks: list[int] = []
+    costliest_probed = False
 
     @contextmanager
-    def around_forward(k: int):
-        if k != 1 or not p.settings.train.memory_probe:
+    def around_forward(k: int, inputs: dict[str, torch.Tensor]):
+        nonlocal costliest_probed
+        is_costliest = inputs["input_ids"].numel() == costliest
+        if not p.settings.train.memory_probe or k == 0 or (k > 1 and (costliest_probed or not is_costliest)):
             yield
             return
+        costliest_probed |= is_costliest
         with memory.probe(model, None, torch.device(device)) as peak:
             yield
         peaks.append(peak.peak_bytes)
@@ -276,7 +282,7 @@ def eva_pass(p: Plan, model: torch.nn.Module, train_set, schedule: batching.Plan
     start = time.perf_counter()
     adapters.initialize_eva(model, batches, around_forward)
     seconds = time.perf_counter() - start
-    return {"time": {"init_s": seconds}, **({"memory": {"init_peak_bytes": peaks[0]}} if peaks else {})}
+    return {"time": {"init_s": seconds}, **({"memory": {"init_peak_bytes": max(peaks)}} if peaks else {})}
 
 
 def _evaluate(p: Plan, accelerator, model, tokenizer, tokens, collate, curve: list[CurvePoint], result,

@@ -58,7 +58,7 @@ class Memory(TypedDict, total=False):
     cuda_max_allocated_bytes: int | None
     cuda_max_reserved_bytes: int | None
     per_process_peak_bytes: list[int]  # only with several processes; the fields above are the highest process's
-    init_peak_bytes: int  # only with init=eva: the probe's peak over one forward of EVA's data pass, its costliest batch's
+    init_peak_bytes: int  # only with init=eva: the probe's peak over EVA's data pass (its first SVD update and its costliest batch's)
 
 
 class Processes(TypedDict):

@@ -34,7 +34,7 @@ def test_eva_replaces_the_default_a_by_orthonormal_components_and_its_ranks_sum_
     method = MethodSettings(name="lora", lr=1e-3, r=r, init="eva", eva_rho=2.0)
     model, targets = adapters.apply_method(tiny_bert(), method, "SEQ_CLS")
     drawn = a_matrices(model)  # PEFT's default A, drawn before the pass
-    adapters.initialize_eva(model, batches(6), lambda k: nullcontext())
+    adapters.initialize_eva(model, batches(6), lambda k, inputs: nullcontext())
     ranks = adapters.allocated_ranks(model, method, targets)
     assert set(ranks) == set(targets) and sum(ranks.values()) == r * len(targets) and max(ranks.values()) <= 2 * r
     for name, a in a_matrices(model).items():  # EVA's rows are principal components: orthonormal; the default's are not
@@ -47,9 +47,10 @@ def test_eva_replaces_the_default_a_by_orthonormal_components_and_its_ranks_sum_
 
 
 @pytest.mark.parametrize("probing", [True, False])
-def test_eva_pass_probes_one_forward_its_costliest_batch_and_times_the_rest_unprobed(monkeypatch, probing):
-    """As training probes one step, EVA's pass probes one forward: the batch with the most tokens, moved first so
-    that its first SVD update is the probed forward; its peak holds at least the fp32 weights."""
+def test_eva_pass_probes_its_first_svd_update_and_its_costliest_batch_only(monkeypatch, probing):
+    """As training probes one step, EVA's pass probes two forwards, in the plan's order (the pass computes what it
+    computes unprobed): its first SVD update and the first of its costliest batch; the peak holds at least the fp32
+    weights."""
     method = MethodSettings(name="lora", lr=1e-3, r=4, init="eva", eva_examples=24)
     model, _ = adapters.apply_method(tiny_bert(), method, "SEQ_CLS")
     lengths = [4] * 8 + [16] * 8 + [8] * 8  # three batches of 8 in the plan's order: the second is the longest
@@ -77,7 +78,7 @@ def test_eva_pass_probes_one_forward_its_costliest_batch_and_times_the_rest_unpr
     out = experiment.eva_pass(p, model, train_set, plan, collate, "cpu")
     assert out["time"]["init_s"] > 0
     if probing:
-        assert probed == [16] and out["memory"]["init_peak_bytes"] >= 4 * sum(t.numel() for t in model.parameters())
+        assert probed == [4, 16] and out["memory"]["init_peak_bytes"] >= 4 * sum(t.numel() for t in model.parameters())
     else:
         assert probed == [] and "memory" not in out
 

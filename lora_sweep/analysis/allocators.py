@@ -108,7 +108,7 @@ def _comparison(runs, agg, uniform: pd.Series, allocated: pd.DataFrame, ranks: p
             table.to_markdown(index=False, disable_numparse=True), "",
             "Trained: the adapter parameters trained (AdaLoRA: its initial budget, with the singular values); kept: Σ rank × (d + k) "
             "over the final ranks, what the exported pattern trains as plain LoRA. Extra cost: EVA's data pass before training "
-            "(one forward of it probed for memory, as training probes one step); AdaLoRA's is inside its training time (its importance "
+            "(two forwards of it probed for memory, as training probes one step); AdaLoRA's is inside its training time (its importance "
             "scores and masks at every step); a rank pattern's is what made it (the advisor: full FT's runs, which every sweep here "
             "trains anyway as the baselines). Times are means of wall-clock seconds with the sweep's runs sharing the machine's cores: "
             "a rough guide; benchmarks/allocators.py measures AdaLoRA's step and EVA's pass against uniform LoRA side by side.", "",
