@@ -113,9 +113,10 @@ def _phi(ranks: pd.DataFrame, directions: dict, paired: set[str]) -> pd.DataFram
 
 def load_or_measure(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path) -> tuple[dict[str, pd.DataFrame] | None, str]:
     """The tables measured from the artifacts on disk, with the rows of the other runs from the cached tables of an
-    earlier analysis beside the records (all limited to these runs); None and why when there is neither. φ comes from
-    the artifacts when any is on disk (it pairs runs of the configurations chosen on the tuning split), else from the
-    cache. The note says where everything came from."""
+    earlier analysis beside the records (all limited to these runs); None and why when there is neither. φ pairs runs
+    (of the uniform-rank configurations chosen on the tuning split), so it is measured whole or read whole: from the
+    artifacts when every run it pairs has one on disk, else from the cache where there is one. The note says where
+    everything came from."""
     done = df[(df["status"] == "done") & df["method"].isin(["lora", "full"])]
     run_records = [records.read_fields(records.load(records_dir / f"{rid}.json")) for rid in done["run_id"]]
     have = [r for r in run_records if records.artifact_dir(r, records_dir)]
@@ -127,6 +128,10 @@ def load_or_measure(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path) -> t
     paired = set(tables.tuned(agg[agg["method"] == "lora"], ["context_id", "targets", "r"])["config_id"]) if len(agg) else set()
     found = _measure_on_one_thread(have, records_dir, paired) if have else dict(cached)
     from_cache = set(done["run_id"]) - {r["run_id"] for r in have}
+    phi_runs = done[(done["method"] == "lora") & (done["allocator"] == "uniform") & done["config_id"].isin(paired)]
+    phi_cached = bool(have) and cached is not None and bool(from_cache & set(phi_runs["run_id"]))
+    if phi_cached:
+        found["phi"] = cached["phi"]
     reused = 0
     for name in ("update_ranks", "update_spectra"):
         if have and cached is not None:
@@ -138,6 +143,8 @@ def load_or_measure(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path) -> t
             + " (the saved artifacts are not on disk)")
     if reused:
         note += f"; {reused} runs' rows read from the cached tables of an earlier analysis (their artifacts are not on disk)"
+    if phi_cached:
+        note += "; φ read from the cached tables (some of the runs it pairs have no artifact on disk)"
     return found, note
 
 

@@ -385,6 +385,28 @@ def test_update_analyses_come_from_the_saved_artifacts_and_then_from_their_cache
 
 
 @pytest.mark.slow
+def test_phi_is_read_whole_from_its_cache_when_a_run_it_pairs_has_lost_its_artifact(tmp_path, tiny_bert_dir):
+    """A run added after the artifacts of the runs φ pairs are gone (a clean clone, then one more run) must not shrink
+    φ to what the new artifact alone can pair: φ is measured whole or read whole from the cache."""
+    runs = tmp_path / "runs"
+
+    def run(*overrides):
+        experiment.run(compose(*TINY, "train.save_adapter=true", "train.forgetting_examples=16", f"model.name_or_path={tiny_bert_dir}",
+                               f"runs_dir={runs}", f"cache_dir={tmp_path / 'cache'}", *overrides))
+
+    run("train.seed=0")
+    run("train.seed=1")
+    reporting.write(runs)
+    phi = pd.read_parquet(tmp_path / "tables" / "phi.parquet")
+    assert set(phi["comparison"]) == {"r=8: seed vs seed"}
+    shutil.rmtree(runs / "artifacts")
+    run("train.seed=0", "method.r=4")
+    text = reporting.write(runs).read_text()
+    assert "φ read from the cached tables" in text
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "tables" / "phi.parquet"), phi)
+
+
+@pytest.mark.slow
 def test_a_missing_baseline_is_stated(tmp_path, templates):
     runs = tmp_path / "runs"
     write(runs, templates, {4: [0.84]}, [0.86])
