@@ -271,7 +271,8 @@ def eva_pass(p: Plan, model: torch.nn.Module, train_set, schedule: batching.Plan
     def around_forward(k: int, inputs: dict[str, torch.Tensor]):
         nonlocal costliest_probed
         is_costliest = inputs["input_ids"].numel() == costliest
-        if not p.settings.train.memory_probe or k == 0 or (k > 1 and (costliest_probed or not is_costliest)):
+        probed = k == 1 or (k > 1 and is_costliest and not costliest_probed)  # forward 0 only hashes
+        if not (p.settings.train.memory_probe and probed):
             yield
             return
         costliest_probed |= is_costliest

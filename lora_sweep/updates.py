@@ -128,7 +128,7 @@ def load_or_measure(df: pd.DataFrame, agg: pd.DataFrame, records_dir: Path) -> t
     paired = set(tables.tuned(agg[agg["method"] == "lora"], ["context_id", "targets", "r"])["config_id"]) if len(agg) else set()
     found = _measure_on_one_thread(have, records_dir, paired) if have else dict(cached)
     from_cache = set(done["run_id"]) - {r["run_id"] for r in have}
-    phi_runs = done[(done["method"] == "lora") & (done["allocator"] == "uniform") & done["config_id"].isin(paired)]
+    phi_runs = done[(done["allocator"] == "uniform") & done["config_id"].isin(paired)]
     phi_cached = bool(have) and cached is not None and bool(from_cache & set(phi_runs["run_id"]))
     if phi_cached:
         found["phi"] = cached["phi"]
